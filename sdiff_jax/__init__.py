@@ -1,0 +1,3 @@
+"""sdiff_jax: Seed Diffusion in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Corpus sources, tokenizers and input pipelines."""
