@@ -1,0 +1,40 @@
+r"""Quickstart: a small diffusion LM on the Python standard library, on a CPU.
+
+Command to run (about 10 minutes on 2 CPU cores):
+
+    python -m sdiff_jax.main --config=configs/quickstart.py --workdir=/tmp/sdiff_quickstart
+
+The argument after ':' picks the attention mode, e.g. the AR baseline:
+
+    python -m sdiff_jax.main --config=configs/quickstart.py:causal --workdir=/tmp/sdiff_ar
+"""
+
+from sdiff_jax.config_lib import default_config
+
+
+def get_config(attention: str = "bidirectional"):
+  c = default_config()
+  c.model.attention = attention  # bidirectional | block_causal | causal
+
+  c.data.tokenizer = "bpe"
+  c.data.vocab_size = 2048
+  c.data.seq_len = 256
+
+  c.model.d_model = 256
+  c.model.n_layers = 4
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.head_dim = 64
+  c.model.d_ff = 768
+  c.model.tie_embeddings = True
+  c.model.block_size = 32
+
+  c.train.num_steps = 300
+  c.train.batch_size = 16
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 30
+  c.train.log_every = 20
+  c.train.eval_every = 100
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 100
+  return c

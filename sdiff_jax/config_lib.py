@@ -1,0 +1,175 @@
+"""Default configuration and up-front validation.
+
+Every file in `configs/` starts from `default_config()` and overrides fields.
+`validate()` runs before anything is compiled and names the offending field.
+"""
+
+import ml_collections
+
+from sdiff_jax.models.attention_masks import ATTENTION_MODES
+from sdiff_jax.models.transformer import ModelConfig
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults; a comment says what each one does."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter init, data order and corruption noise
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"  # "stdlib", a directory, a glob, or a .jsonl(.gz) with a `text` field
+  c.data.valid_fraction = 0.05  # files (by path hash) held out for validation
+  c.data.tokenizer = "bpe"  # "bpe" (trained on the training split) or "byte"
+  c.data.vocab_size = 4096  # BPE vocabulary size, special tokens included
+  c.data.seq_len = 256  # tokens per training row
+  c.data.packing = "pack"  # "pack" several documents per row, or "pad" one per row
+  c.data.backend = "grain"  # "grain" over files, or "tfds" (ArrayRecord built from the files)
+  c.data.tfds_data_dir = ""  # "" = <workdir>/tfds
+
+  c.model = ml_collections.ConfigDict()
+  c.model.attention = "bidirectional"  # "bidirectional" | "block_causal" | "causal" (AR baseline)
+  c.model.block_size = 32  # block length for block_causal training and for sampling
+  c.model.d_model = 256
+  c.model.n_layers = 4
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 4  # < n_heads: grouped-query attention
+  c.model.head_dim = 64
+  c.model.d_ff = 1024  # SwiGLU hidden width
+  c.model.rope_theta = 10_000.0
+  c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
+  c.model.tie_embeddings = False
+  c.model.remat = False  # rematerialise each layer in the backward pass
+  c.model.attention_impl = ""  # "" (XLA) or "cudnn" (fused attention on NVIDIA GPUs)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.gamma_schedule = "linear"  # mask probability gamma_t: linear | cosine | polyK
+  c.diffusion.alpha_schedule = "linear"  # edit rate alpha_t in [0, alpha_max]
+  c.diffusion.alpha_max = 0.1  # the paper's bound on the edit rate
+  c.diffusion.edit_op_probs = (1 / 3, 1 / 3, 1 / 3)  # substitution, deletion, insertion
+  c.diffusion.time_eps = 1e-3  # t ~ U(time_eps, 1)
+  c.diffusion.antithetic = True  # evenly spaced t across the batch
+
+  c.curriculum = ml_collections.ConfigDict()
+  c.curriculum.edit_start_fraction = 0.8  # mask-only before this fraction of the steps
+  c.curriculum.edit_weight = 1.0  # weight of the edit term once it starts
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.batch_size = 16  # global batch (rows of seq_len tokens)
+  c.train.grad_accum_steps = 1  # micro-batches per optimizer step
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 100
+  c.train.end_lr_fraction = 0.1  # cosine decay to this fraction of the peak
+  c.train.weight_decay = 0.1
+  c.train.grad_clip = 1.0
+  c.train.b2 = 0.98
+  c.train.log_every = 10
+  c.train.eval_every = 200
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.nonfinite = "stop"  # on a NaN/Inf loss: "stop" the run, or "skip" the update
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.dcn_data = 1  # across slices / nodes
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+  c.mesh.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("head_dim", None),
+  )
+  return c
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  m = config.model
+  return ModelConfig(
+      vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+      n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, d_ff=m.d_ff, rope_theta=m.rope_theta,
+      dtype=m.dtype, tie_embeddings=m.tie_embeddings, remat=m.remat,
+      attention_impl=m.attention_impl or None)
+
+
+def _fail(field: str, value, why: str):
+  raise ValueError(f"config.{field}={value!r}: {why}")
+
+
+def _choice(config, field: str, choices):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if value not in choices:
+    _fail(field, value, f"must be one of {tuple(choices)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field; compiles nothing."""
+  from sdiff_jax import schedules  # local: keeps this module light for configs/
+
+  _choice(config, "model.attention", ATTENTION_MODES)
+  _choice(config, "data.tokenizer", ("bpe", "byte"))
+  _choice(config, "data.packing", ("pack", "pad"))
+  _choice(config, "data.backend", ("grain", "tfds"))
+  _choice(config, "model.dtype", ("float32", "bfloat16"))
+  _choice(config, "model.attention_impl", ("", "xla", "cudnn"))
+  _choice(config, "train.nonfinite", NONFINITE_POLICIES)
+  for field, fn in (("diffusion.gamma_schedule", schedules.get_gamma_schedule),
+                    ("diffusion.alpha_schedule",
+                     lambda n: schedules.get_alpha_schedule(n, config.diffusion.alpha_max))):
+    try:
+      fn(config[field.split(".")[0]][field.split(".")[1]])
+    except ValueError as e:
+      raise ValueError(f"config.{field}: {e}") from None
+  positive = ("data.seq_len", "model.block_size", "model.d_model", "model.n_layers",
+              "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
+              "train.num_steps", "train.batch_size", "train.grad_accum_steps",
+              "train.log_every", "train.eval_every", "train.eval_batches",
+              "train.checkpoint_every", "train.keep_checkpoints")
+  for field in positive:
+    section, name = field.split(".")
+    if config[section][name] <= 0:
+      _fail(field, config[section][name], "must be positive")
+  nonnegative = ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
+                 "train.grad_clip", "curriculum.edit_weight", "diffusion.time_eps",
+                 "data.valid_fraction")
+  for field in nonnegative:
+    section, name = field.split(".")
+    if config[section][name] < 0:
+      _fail(field, config[section][name], "must not be negative")
+  m, d = config.model, config.data
+  if d.tokenizer == "bpe" and d.vocab_size <= 260:
+    _fail("data.vocab_size", d.vocab_size, "a BPE vocabulary must exceed the 256 bytes + 4 specials")
+  if m.attention == "block_causal" and d.seq_len % m.block_size:
+    _fail("model.block_size", m.block_size, f"must divide data.seq_len={d.seq_len}")
+  if m.n_heads % m.n_kv_heads:
+    _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+  if m.head_dim % 2:
+    _fail("model.head_dim", m.head_dim, "must be even (rotary embedding)")
+  if not 0.0 <= config.curriculum.edit_start_fraction <= 1.0:
+    _fail("curriculum.edit_start_fraction", config.curriculum.edit_start_fraction, "must be in [0, 1]")
+  if not 0.0 < config.diffusion.time_eps < 1.0:
+    _fail("diffusion.time_eps", config.diffusion.time_eps, "must be in (0, 1)")
+  probs = tuple(config.diffusion.edit_op_probs)
+  if len(probs) != 3 or min(probs) < 0 or sum(probs) <= 0:
+    _fail("diffusion.edit_op_probs", probs, "must be 3 non-negative weights (sub, del, ins), not all 0")
+  if config.train.batch_size % config.train.grad_accum_steps:
+    _fail("train.grad_accum_steps", config.train.grad_accum_steps,
+          f"must divide train.batch_size={config.train.batch_size}")
+  for name in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor"):
+    size = config.mesh[name]
+    if size == 0 or size < -1:
+      _fail(f"mesh.{name}", size, "must be a positive size or -1 (the remaining devices)")
+
+
+def edit_start_step(config: ml_collections.ConfigDict) -> int:
+  """First step of the second curriculum stage (mask + edit)."""
+  return int(round(config.curriculum.edit_start_fraction * config.train.num_steps))

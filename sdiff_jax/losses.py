@@ -1,0 +1,53 @@
+"""Training objectives, all reported in bits per token.
+
+* masked-diffusion ELBO: sum over masked positions of (gamma'/gamma) * NLL;
+* edit term: -log p(x0 | x_t) at every real position, aligned to x0;
+* next-token loss for the autoregressive (`causal`) baseline.
+
+The model predicts every position (no carry-over of unmasked tokens); the MASK
+logit is set to -inf so MASK is never a prediction.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+LN2 = math.log(2.0)
+
+
+def suppress_token(logits_BxLxV: jax.Array, token_id: int) -> jax.Array:
+  """Sets one token's logit to -inf (used for MASK)."""
+  return logits_BxLxV.at[..., token_id].set(-jnp.inf)
+
+
+def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_id: int) -> jax.Array:
+  """Per-position negative log-likelihood in nats, with MASK suppressed."""
+  logp_BxLxV = jax.nn.log_softmax(suppress_token(logits_BxLxV, mask_id), axis=-1)
+  return -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def _per_token_bits(total_nats: jax.Array, count: jax.Array) -> jax.Array:
+  return total_nats / jnp.maximum(count, 1) / LN2
+
+
+def masked_diffusion_bits(nll_BxL: jax.Array, is_masked_BxL: jax.Array,
+                          weight_B: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+  """Continuous-time masked-diffusion ELBO (an upper bound on NLL), bits/token."""
+  weighted_BxL = weight_B[:, None] * jnp.where(is_masked_BxL, nll_BxL, 0.0)
+  return _per_token_bits(weighted_BxL.sum(), valid_BxL.sum())
+
+
+def mean_bits(nll_BxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+  """Mean NLL over the valid positions, bits/token (edit term, AR loss)."""
+  return _per_token_bits(jnp.where(valid_BxL, nll_BxL, 0.0).sum(), valid_BxL.sum())
+
+
+def next_token_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Targets shifted left by one and where they are valid (same document)."""
+  targets_BxL = jnp.roll(tokens_BxL, -1, axis=1)
+  next_seg_BxL = jnp.roll(segment_ids_BxL, -1, axis=1)
+  valid_BxL = (next_seg_BxL == segment_ids_BxL) & (segment_ids_BxL > 0)
+  valid_BxL = valid_BxL.at[:, -1].set(False)
+  return targets_BxL, valid_BxL
