@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print and write JSON rows (not timed tests)."""
