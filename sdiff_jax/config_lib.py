@@ -173,3 +173,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def edit_start_step(config: ml_collections.ConfigDict) -> int:
   """First step of the second curriculum stage (mask + edit)."""
   return int(round(config.curriculum.edit_start_fraction * config.train.num_steps))
+
+
+# Meshes for the sized configs. `fsdp` shards parameters and optimizer state;
+# `dcn_*` spans nodes / slices (set dcn_data to the number of nodes or slices).
+MESH_PRESETS = {
+    "cpu": dict(data=-1, fsdp=1, tensor=1),
+    "gpu8": dict(data=1, fsdp=8, tensor=1),  # one node of 8 H100 / H200 / H20
+    "gpu8_dp": dict(data=8, fsdp=1, tensor=1),  # one node, data parallel (small models)
+    "gpu_multinode": dict(data=1, fsdp=8, tensor=1, dcn_data=2),  # 2 nodes x 8 GPUs
+    "tpu_v5p": dict(data=1, fsdp=-1, tensor=1),  # a v5p slice, all chips fsdp
+    "tpu_v5e": dict(data=1, fsdp=-1, tensor=1),  # a v5e slice (16 GB HBM / chip)
+    "tpu_multislice": dict(data=1, fsdp=-1, tensor=1, dcn_data=2),  # 2 slices
+}
+
+
+def sized_config(model: dict, preset: str, seq_len: int, batch_size: int) -> ml_collections.ConfigDict:
+  """A large-model config: bf16 compute, remat, BPE 32k, the mesh of `preset`."""
+  if preset not in MESH_PRESETS:
+    raise ValueError(f"unknown mesh preset {preset!r}; valid: {tuple(MESH_PRESETS)}")
+  c = default_config()
+  c.data.vocab_size = 32768
+  c.data.seq_len = seq_len
+  c.model.update(model)
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.model.attention_impl = "cudnn" if preset.startswith("gpu") else ""
+  c.train.batch_size = batch_size
+  c.train.num_steps = 100_000
+  c.train.learning_rate = 3e-4
+  c.train.warmup_steps = 2000
+  c.train.log_every = 50
+  c.train.eval_every = 2000
+  c.train.checkpoint_every = 1000
+  c.mesh.update(dict(data=1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  c.mesh.update(MESH_PRESETS[preset])
+  return c

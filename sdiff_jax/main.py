@@ -7,8 +7,10 @@ r"""Main job: train a Seed Diffusion model from a config, then sample from it.
 Reruns with the same workdir resume from the latest checkpoint.
 """
 
+import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -16,12 +18,31 @@ from sdiff_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and logs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs "
+    "(auto-detected on TPU pods and under Slurm when omitted).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process JAX job when asked to (flags) or when the cluster says so."""
+  if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None:
+    if None in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
+      raise app.UsageError(
+          "--coordinator_address, --num_processes and --process_id go together")
+    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
+    jax.distributed.initialize()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_distributed()
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, train.CheckpointError, FloatingPointError) as e:

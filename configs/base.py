@@ -1,0 +1,22 @@
+r"""base: ~164M parameters (d 768, 12 layers).
+
+Mesh presets (the argument after ':'), see sdiff_jax/config_lib.py MESH_PRESETS:
+  gpu8 (default for this size: data parallel on one node, fsdp beyond), gpu8_dp, gpu_multinode (set
+  --config.mesh.dcn_data to the node count), tpu_v5p, tpu_v5e, tpu_multislice, cpu.
+
+Command to run (one 8-GPU node):
+
+    python -m sdiff_jax.main --config=configs/base.py:gpu8_dp --workdir=$WORKDIR
+
+Multi-node GPU (Slurm):   launch/slurm_gpu.sh configs/base.py:gpu_multinode $WORKDIR
+TPU pod (all workers):    launch/tpu_pod.sh configs/base.py:tpu_v5p $WORKDIR
+"""
+
+from sdiff_jax.config_lib import sized_config
+
+
+def get_config(preset: str = "gpu8_dp"):
+  model = dict(d_model=768, n_layers=12,
+               n_heads=12, n_kv_heads=12, head_dim=64, d_ff=3072)
+  c = sized_config(model, preset, seq_len=2048, batch_size=256)
+  return c
