@@ -103,7 +103,7 @@ class Objective:
       s_B = schedules.sample_times(edit_time_key, tokens_BxL.shape[0], eps=d.time_eps,
                                    antithetic=d.antithetic)
       edited = corruption.edit_corrupt_batch(
-          edit_key, tokens_BxL, valid_BxL.sum(axis=1), self.alpha(s_B),
+          edit_key, tokens_BxL, valid_BxL.sum(axis=1), self.alpha.alpha(s_B),
           vocab_size=self.model_cfg.vocab_size, alpha_max=d.alpha_max,
           op_probs=tuple(d.edit_op_probs), num_special=tokenizer_lib.NUM_SPECIAL,
           pad_id=tokenizer_lib.PAD_ID)
