@@ -11,7 +11,7 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdiff_jax import train
@@ -42,6 +42,8 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and JAX are chatty at INFO
   initialize_distributed()
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

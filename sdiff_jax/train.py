@@ -188,7 +188,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, stat
     grads, metrics = grads_of(state.params, batch, key, with_edit)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
@@ -198,11 +198,15 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, stat
                            first_nonfinite_step=first_bad)
     return new_state, {**metrics, "grad_norm": grad_norm}
 
-  batch_sh = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, static_argnames="with_edit",
-                 in_shardings=(state_shardings, batch_sh, sharding.replicated(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+  return _per_stage(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                              sharding.replicated(mesh)),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _per_stage(fn, **jit_kwargs) -> Callable[..., Any]:
+  """One jit of `fn(..., with_edit)` per curriculum stage; call as f(*args, with_edit=...)."""
+  compiled = {w: jax.jit(functools.partial(fn, with_edit=w), **jit_kwargs) for w in (False, True)}
+  return lambda *args, with_edit: compiled[with_edit](*args)
 
 
 def make_eval_step(objective: Objective, mesh, params_shardings):
@@ -211,10 +215,9 @@ def make_eval_step(objective: Objective, mesh, params_shardings):
   def eval_step(params, batch, key, with_edit):
     return objective(params, batch, key, with_edit)[1]
 
-  return jax.jit(eval_step, static_argnames="with_edit",
-                 in_shardings=(params_shardings, sharding.batch_sharding(mesh),
-                               sharding.replicated(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return _per_stage(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh),
+                                             sharding.replicated(mesh)),
+                    out_shardings=sharding.replicated(mesh))
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh) -> Batch:
@@ -306,15 +309,12 @@ class TrainResult:
   workdir: str
 
 
-def evaluate(eval_step, params, data_config, tok, config, mesh, with_edit: bool) -> dict[str, float]:
-  """Token-weighted mean of the validation metrics over `eval_batches` fixed batches."""
-  ds = pipeline.make_dataset_from_config(
-      data_config, tok, "validation", batch_size=config.train.batch_size // jax.process_count(),
-      seed=config.seed, num_epochs=None)
+def evaluate(eval_step, params, eval_ds, config, mesh, with_edit: bool) -> dict[str, float]:
+  """Token-weighted mean of the validation metrics over the same `eval_batches` batches."""
   totals: dict[str, float] = {}
   weight = 0.0
   key = jax.random.key(config.seed + 1)
-  for i, batch in zip(range(config.train.eval_batches), iter(ds)):
+  for i, batch in zip(range(config.train.eval_batches), iter(eval_ds)):
     m = jax.device_get(eval_step(params, global_batch(batch, mesh), jax.random.fold_in(key, i),
                                  with_edit=with_edit))
     w = float(m.pop("valid_tokens"))
@@ -348,6 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_ds = pipeline.make_dataset_from_config(
       data_config, tok, "train", batch_size=per_process_batch, seed=config.seed)
   train_iter = iter(train_ds)
+  eval_ds = pipeline.make_dataset_from_config(
+      data_config, tok, "validation", batch_size=per_process_batch, seed=config.seed)
 
   mngr = checkpoint_manager(workdir, config)
   latest = mngr.latest_step()
@@ -403,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 f"{rate:,.0f} tok/s | ETA {format_duration(eta)}", flush=True)
         pending, interval_start, interval_steps = [], time.perf_counter(), 0
       if step % config.train.eval_every == 0 or last:
-        last_eval = evaluate(eval_step, state.params, data_config, tok, config, mesh, with_edit)
+        last_eval = evaluate(eval_step, state.params, eval_ds, config, mesh, with_edit)
         writer.scalars(step, {f"eval/{k[5:]}": v for k, v in last_eval.items()})
         if is_chief:
           print(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()),
