@@ -130,7 +130,7 @@ def test_golden_first_step(tmp_path):
     assert got[k] == pytest.approx(v, rel=1e-4), got
 
 
-GOLDEN = {"loss": 0.0, "mask_bits": 0.0, "edit_bits": 0.0, "grad_norm": 0.0}
+GOLDEN = {"loss": 15.187878, "mask_bits": 7.154627, "edit_bits": 8.033251, "grad_norm": 3.359867}
 
 
 def _run_main(workdir, config_args, **popen_kw):
