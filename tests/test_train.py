@@ -149,7 +149,8 @@ def _config_args(source, num_steps, **extra):
       "train.batch_size": 8, "train.num_steps": num_steps, "train.warmup_steps": 2,
       "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 1,
       "train.checkpoint_every": 1000, **extra}
-  return ["--config=configs/quickstart.py"] + [f"--config.{k}={v}" for k, v in args.items()]
+  return (["--config=configs/quickstart.py", "--sample_prompts="]
+          + [f"--config.{k}={v}" for k, v in args.items()])
 
 
 def _final_params(workdir):
@@ -201,9 +202,11 @@ def test_curriculum_and_sigterm_resume_match_uninterrupted(tmp_path, code_corpus
 
 def test_corrupt_checkpoint_is_a_clear_error_and_kept(tmp_path, code_corpus_dir):
   args = _config_args(code_corpus_dir, 4, **{"train.checkpoint_every": 2})
-  p = _run_main(tmp_path / "w", args)
+  args = [a for a in args if a != "--sample_prompts="] + ["--max_new_tokens=16"]
+  p = _run_main(tmp_path / "w", args)  # the main job: train, then sample
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
+  assert "----- prompt: 'def fibonacci(n):\\n'" in out and "tokens per forward" in out, out
   ckpt = tmp_path / "w" / "checkpoints"
   assert sorted(os.listdir(ckpt)) == ["2", "4"]
   for root, _, files in os.walk(ckpt / "4" / "state"):

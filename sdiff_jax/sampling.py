@@ -1,0 +1,375 @@
+"""Block-parallel diffusion sampler and autoregressive baseline, one jit each.
+
+Both decode a batch of prompts inside one compiled `lax.while_loop`, with an
+explicit KV cache of `P + N` slots (P: padded prompt length, N: generation
+buffer). Prompts are left-padded so that every row writes at the same slot; a
+row's positions are `slot - pad` and the attention masks hide its pad slots.
+
+Block sampler (`bidirectional` and `block_causal` models): prefill the prompt
+once; each block of `block_size` tokens starts all-MASK and takes at most
+`steps_per_block` forwards over the cache. A forward commits the masked
+positions of highest confidence (model probability of the sampled token): a
+share `ceil(remaining / steps_left)` that finishes the block on time, or, with
+`threshold`, also every one above it. With `self_correction`, committed tokens
+of the block that the model now replaces with confidence above
+`correction_threshold` are rewritten. Positions after a committed EOS are not
+needed; a row ends with its first EOS and the loop when every row has ended.
+A final block's keys/values then stay in the cache:
+
+* `block_causal`: one forward of the final block with a token-causal mask
+  writes its clean K/V, exactly as training sees the clean stream;
+* `bidirectional`, `cache_mode="approx"` (the paper): the K/V of the row's
+  last denoising forward of the block; `cache_mode="recompute"`: one forward
+  of the final block rewrites them.
+
+`block_size=1` with `cache_mode="recompute"` decodes a `bidirectional` model
+token by token (two forwards a token). AR (`causal`): prefill, then one token
+per forward, with the same masks, sampling, EOS and cache code.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdiff_jax import losses
+from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.models import KVCache, ModelConfig, Transformer, init_cache
+
+PAD, BOS, EOS, MASK = (tokenizer_lib.PAD_ID, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID,
+                       tokenizer_lib.MASK_ID)
+ATTENTIONS = ("bidirectional", "block_causal", "causal")
+CACHE_MODES = ("approx", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Static sampling settings: each distinct value compiles once."""
+
+  attention: str = "bidirectional"  # how the model attends; "causal" decodes token by token (AR)
+  max_new_tokens: int = 128
+  block_size: int = 32
+  steps_per_block: int = 8  # most forwards per block
+  threshold: float | None = None  # also commit every masked token above this confidence
+  temperature: float = 0.0  # 0: greedy
+  top_p: float = 1.0
+  self_correction: bool = False
+  correction_threshold: float = 0.9
+  cache_mode: str = "approx"  # bidirectional models: "approx" (paper) or "recompute"
+  suppress_eos: bool = False  # rows never end (benchmarks: every row generates max_new_tokens)
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad field."""
+    checks = (
+        ("attention", self.attention in ATTENTIONS, f"must be one of {ATTENTIONS}"),
+        ("cache_mode", self.cache_mode in CACHE_MODES, f"must be one of {CACHE_MODES}"),
+        ("max_new_tokens", self.max_new_tokens > 0, "must be positive"),
+        ("block_size", self.block_size > 0, "must be positive"),
+        ("steps_per_block", 0 < self.steps_per_block <= self.block_size,
+         f"must be in [1, block_size={self.block_size}]"),
+        ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0, "must be in [0, 1]"),
+        ("temperature", self.temperature >= 0.0, "must not be negative"),
+        ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+        ("correction_threshold", 0.0 <= self.correction_threshold <= 1.0, "must be in [0, 1]"),
+    )
+    for name, ok, why in checks:
+      if not ok:
+        raise ValueError(f"sampling {name}={getattr(self, name)!r}: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """The model as the sampler sees it: a cached forward and an empty cache."""
+
+  cfg: ModelConfig
+
+  def apply(self, params, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+            mask_BxTxS: jax.Array, cache: KVCache, cache_index: jax.Array
+            ) -> tuple[jax.Array, KVCache]:
+    return Transformer(self.cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
+                                       cache, cache_index)
+
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    return init_cache(self.cfg, batch, length)
+
+  def prepare(self, params):
+    """Parameters in the compute dtype, cast once before the loop (halves bf16 weight reads)."""
+    dtype = self.cfg.compute_dtype
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                        params)
+
+
+@flax.struct.dataclass
+class Generation:
+  """Tokens and statistics of one batched generation."""
+
+  tokens: jax.Array  # int32[B, G]: generated tokens, PAD after EOS
+  lengths: jax.Array  # int32[B]: generated tokens, EOS included
+  nfe: jax.Array  # int32[]: forward passes, prefill included
+  block_steps: jax.Array  # int32[G / block_size]: denoising forwards per block (0: not run); AR: []
+  # int32[B, G]: the step (within its block; AR: overall) that set each token, -1: none
+  commit_step: jax.Array
+
+  @property
+  def tokens_per_forward(self) -> float:
+    """Mean generated tokens of a row per forward pass."""
+    return float(np.mean(jax.device_get(self.lengths))) / max(int(self.nfe), 1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (int32[B, P] left-padded with PAD, int32[B] lengths)."""
+  lengths_B = np.array([len(p) for p in prompts], np.int32)
+  if lengths_B.min(initial=1) < 1:
+    raise ValueError("every prompt needs at least one token (e.g. BOS)")
+  length = int(lengths_B.max()) if length is None else length
+  if lengths_B.max() > length:
+    raise ValueError(f"a prompt has {lengths_B.max()} tokens, more than the padded length {length}")
+  prompt_BxP = np.full((len(prompts), length), PAD, np.int32)
+  for row, p in enumerate(prompts):
+    prompt_BxP[row, length - len(p):] = p
+  return prompt_BxP, lengths_B
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _forward(decoder: Decoder, params, pad_B: jax.Array, num_slots: int, cache: KVCache,
+             tokens_BxT: jax.Array, start: jax.Array, causal: bool,
+             write_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  """Runs `tokens` as positions [start, start+T) of the sequence.
+
+  Their K/V go to cache slots [write_at, write_at+T) (default: `start`); they see the
+  row's non-pad slots before `start` and their own slots, up to themselves if `causal`.
+  """
+  length = tokens_BxT.shape[1]
+  write_at = start if write_at is None else write_at
+  slot_S = jnp.arange(num_slots)
+  offset_TxS = slot_S[None, :] - write_at - jnp.arange(length)[:, None]  # 0: the query's slot
+  own_TxS = (slot_S >= write_at) & (slot_S < write_at + length)
+  if causal:
+    own_TxS &= offset_TxS <= 0
+  mask_BxTxS = (((slot_S < start) | own_TxS)[None] & (slot_S >= pad_B[:, None, None])
+                | (offset_TxS == 0)[None])  # a pad query sees itself: no empty rows
+  positions_BxT = jnp.maximum(start + jnp.arange(length)[None, :] - pad_B[:, None], 0)
+  return decoder.apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, write_at)
+
+
+def _top_p_filter(logits_BxTxV: jax.Array, top_p: float) -> jax.Array:
+  """Keeps the smallest set of most likely tokens whose mass reaches `top_p`."""
+  sorted_BxTxV = jnp.sort(logits_BxTxV, axis=-1)[..., ::-1]
+  probs_BxTxV = jax.nn.softmax(sorted_BxTxV, axis=-1)
+  mass_before_BxTxV = jnp.cumsum(probs_BxTxV, axis=-1) - probs_BxTxV
+  keep_BxT = jnp.sum(mass_before_BxTxV < top_p, axis=-1)
+  cutoff_BxT = jnp.take_along_axis(sorted_BxTxV, keep_BxT[..., None] - 1, axis=-1)
+  return jnp.where(logits_BxTxV < cutoff_BxT, -jnp.inf, logits_BxTxV)
+
+
+def _sample(logits_BxTxV: jax.Array, key: jax.Array, s: Settings) -> tuple[jax.Array, jax.Array]:
+  """(token, its model probability) per position; special tokens are never sampled."""
+  for token_id in (MASK, PAD, BOS) + ((EOS,) if s.suppress_eos else ()):
+    logits_BxTxV = losses.suppress_token(logits_BxTxV, token_id)
+  if s.temperature == 0.0:
+    tokens_BxT = jnp.argmax(logits_BxTxV, axis=-1)
+  else:
+    scaled_BxTxV = logits_BxTxV / s.temperature
+    if s.top_p < 1.0:
+      scaled_BxTxV = _top_p_filter(scaled_BxTxV, s.top_p)
+    tokens_BxT = jax.random.categorical(key, scaled_BxTxV, axis=-1)
+  probs_BxTxV = jax.nn.softmax(logits_BxTxV, axis=-1)
+  confidence_BxT = jnp.take_along_axis(probs_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
+  return tokens_BxT.astype(jnp.int32), confidence_BxT
+
+
+def _finish(tokens_BxN: jax.Array, commit_BxN: jax.Array, block_steps: jax.Array,
+            nfe: jax.Array, max_new_tokens: int) -> Generation:
+  """Cuts the buffer to the requested length; PAD (commit step -1) after a row's EOS."""
+  tokens_BxG = tokens_BxN[:, :max_new_tokens]
+  is_eos_BxG = tokens_BxG == EOS
+  eos_B = jnp.where(is_eos_BxG.any(axis=1), jnp.argmax(is_eos_BxG, axis=1), max_new_tokens)
+  lengths_B = jnp.minimum(eos_B + 1, max_new_tokens).astype(jnp.int32)
+  kept_BxG = jnp.arange(max_new_tokens) < lengths_B[:, None]
+  return Generation(tokens=jnp.where(kept_BxG, tokens_BxG, PAD), lengths=lengths_B, nfe=nfe,
+                    block_steps=block_steps,
+                    commit_step=jnp.where(kept_BxG, commit_BxN[:, :max_new_tokens], -1))
+
+
+# ----------------------------------------------------------------------------- block sampler
+
+
+def _needed(block_BxK: jax.Array, active_B: jax.Array, valid_K: jax.Array) -> jax.Array:
+  """Positions of the block a row still needs: up to its first EOS, inside the buffer."""
+  is_eos_BxK = block_BxK == EOS
+  size = block_BxK.shape[1]
+  eos_B = jnp.where(is_eos_BxK.any(axis=1), jnp.argmax(is_eos_BxK, axis=1), size)
+  return active_B[:, None] & valid_K[None, :] & (jnp.arange(size)[None, :] <= eos_B[:, None])
+
+
+def _copy_slots(cache: KVCache, rows_B: jax.Array, source: int, dest: jax.Array, size: int
+                ) -> KVCache:
+  """Copies cache slots [source, source+size) to [dest, dest+size) in the rows `rows_B`."""
+
+  def copy(x_BxS):
+    source_BxK = jax.lax.dynamic_slice_in_dim(x_BxS, source, size, axis=1)
+    dest_BxK = jax.lax.dynamic_slice_in_dim(x_BxS, dest, size, axis=1)
+    rows = rows_B.reshape((-1,) + (1,) * (x_BxS.ndim - 1))
+    return jax.lax.dynamic_update_slice_in_dim(x_BxS, jnp.where(rows, source_BxK, dest_BxK),
+                                               dest, axis=1)
+
+  return jax.tree.map(copy, cache)
+
+
+def _denoise_update(logits_BxKxV: jax.Array, block_BxK: jax.Array, commit_BxK: jax.Array,
+                    needed_BxK: jax.Array, step: jax.Array, key: jax.Array, s: Settings
+                    ) -> tuple[jax.Array, jax.Array]:
+  """One denoising step: commit masked positions by confidence (and self-correct)."""
+  candidate_BxK, confidence_BxK = _sample(logits_BxKxV, key, s)
+  masked_BxK = block_BxK == MASK
+  todo_BxK = needed_BxK & masked_BxK
+  remaining_B = todo_BxK.sum(axis=1)
+  count_B = -(-remaining_B // (s.steps_per_block - step))  # finishes the block on time
+  if s.threshold is not None:
+    count_B = jnp.maximum(count_B, (todo_BxK & (confidence_BxK > s.threshold)).sum(axis=1))
+  score_BxK = jnp.where(todo_BxK, confidence_BxK, -1.0)
+  rank_BxK = jnp.argsort(jnp.argsort(-score_BxK, axis=1), axis=1)  # stable: ties by position
+  change_BxK = todo_BxK & (rank_BxK < count_B[:, None])
+  if s.self_correction:
+    change_BxK |= (needed_BxK & ~masked_BxK & (candidate_BxK != block_BxK)
+                   & (confidence_BxK > s.correction_threshold))
+  return (jnp.where(change_BxK, candidate_BxK, block_BxK),
+          jnp.where(change_BxK, step, commit_BxK))
+
+
+def _block_generate(decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array,
+                    pad_B: jax.Array, key: jax.Array) -> Generation:
+  batch, prompt_len = prompt_BxP.shape
+  size = s.block_size
+  num_blocks = math.ceil(s.max_new_tokens / size)
+  exact = s.attention == "block_causal"
+  recommit = exact or s.cache_mode == "recompute"  # one more forward of each final block
+  # Without it, denoising forwards write to `size` scratch slots at the end, copied to
+  # the block's slots for the rows that denoised: a row keeps the K/V of its own last
+  # denoising forward, whatever the other rows of the batch still do.
+  num_slots = prompt_len + (num_blocks + (not recommit)) * size
+  scratch = None if recommit else num_slots - size
+  forward = functools.partial(_forward, decoder, params, pad_B, num_slots)
+
+  _, cache = forward(decoder.init_cache(batch, num_slots), prompt_BxP, 0, causal=exact)
+
+  def block_body(carry):
+    j, cache, tokens_BxN, commit_BxN, ended_B, nfe, block_steps = carry
+    start = prompt_len + j * size
+    if recommit:
+      def rewrite(cache):
+        """Rewrites the K/V of the final block j-1 (token-causal if `exact`)."""
+        previous_BxK = jax.lax.dynamic_slice_in_dim(tokens_BxN, (j - 1) * size, size, axis=1)
+        return forward(cache, previous_BxK, start - size, causal=exact)[1]
+      cache = jax.lax.cond(j > 0, rewrite, lambda c: c, cache)
+      nfe = nfe + (j > 0)
+    valid_K = j * size + jnp.arange(size) < s.max_new_tokens
+    active_B = ~ended_B
+
+    def step_cond(c):
+      step, block_BxK = c[0], c[1]
+      return (step < s.steps_per_block) & jnp.any(_needed(block_BxK, active_B, valid_K)
+                                                  & (block_BxK == MASK))
+
+    def step_body(c):
+      step, block_BxK, commit_BxK, cache, pending_B, nfe = c
+      if scratch is not None:  # before the forward reads the cache: no copy of it
+        cache = _copy_slots(cache, pending_B, scratch, start, size)
+      needed_BxK = _needed(block_BxK, active_B, valid_K)
+      logits_BxKxV, cache = forward(cache, block_BxK, start, causal=False, write_at=scratch)
+      pending_B = jnp.any(needed_BxK & (block_BxK == MASK), axis=1)  # rows that denoised
+      block_BxK, commit_BxK = _denoise_update(logits_BxKxV, block_BxK, commit_BxK, needed_BxK,
+                                              step, jax.random.fold_in(key, nfe), s)
+      return step + 1, block_BxK, commit_BxK, cache, pending_B, nfe + 1
+
+    init = (jnp.int32(0), jnp.full((batch, size), MASK, jnp.int32),
+            jnp.full((batch, size), -1, jnp.int32), cache, jnp.zeros((batch,), bool), nfe)
+    steps, block_BxK, block_commit_BxK, cache, pending_B, nfe = jax.lax.while_loop(
+        step_cond, step_body, init)
+    if scratch is not None:
+      cache = _copy_slots(cache, pending_B, scratch, start, size)
+    tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, block_BxK, j * size, axis=1)
+    commit_BxN = jax.lax.dynamic_update_slice_in_dim(commit_BxN, block_commit_BxK, j * size, axis=1)
+    ended_B = ended_B | jnp.any(block_BxK == EOS, axis=1)
+    return j + 1, cache, tokens_BxN, commit_BxN, ended_B, nfe, block_steps.at[j].set(steps)
+
+  def block_cond(carry):
+    j, ended_B = carry[0], carry[4]
+    return (j < num_blocks) & ~jnp.all(ended_B)
+
+  init = (jnp.int32(0), cache, jnp.full((batch, num_blocks * size), MASK, jnp.int32),
+          jnp.full((batch, num_blocks * size), -1, jnp.int32), jnp.zeros((batch,), bool),
+          jnp.int32(1), jnp.zeros((num_blocks,), jnp.int32))
+  _, _, tokens_BxN, commit_BxN, _, nfe, block_steps = jax.lax.while_loop(
+      block_cond, block_body, init)
+  return _finish(tokens_BxN, commit_BxN, block_steps, nfe, s.max_new_tokens)
+
+
+# ----------------------------------------------------------------------------- AR baseline
+
+
+def _ar_generate(decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array,
+                 pad_B: jax.Array, key: jax.Array) -> Generation:
+  batch, prompt_len = prompt_BxP.shape
+  num_new = s.max_new_tokens
+  forward = functools.partial(_forward, decoder, params, pad_B, prompt_len + num_new)
+
+  logits_BxPxV, cache = forward(decoder.init_cache(batch, prompt_len + num_new), prompt_BxP, 0,
+                                causal=True)
+  token_Bx1, _ = _sample(logits_BxPxV[:, -1:], jax.random.fold_in(key, 0), s)
+  tokens_BxG = jnp.full((batch, num_new), PAD, jnp.int32).at[:, :1].set(token_Bx1)
+
+  def cond(carry):
+    t, ended_B = carry[0], carry[4]
+    return (t < num_new) & ~jnp.all(ended_B)
+
+  def body(carry):
+    t, token_Bx1, cache, tokens_BxG, ended_B = carry
+    logits_Bx1xV, cache = forward(cache, token_Bx1, prompt_len + t - 1, causal=True)
+    token_Bx1, _ = _sample(logits_Bx1xV, jax.random.fold_in(key, t), s)
+    token_Bx1 = jnp.where(ended_B[:, None], PAD, token_Bx1)
+    tokens_BxG = jax.lax.dynamic_update_slice_in_dim(tokens_BxG, token_Bx1, t, axis=1)
+    return t + 1, token_Bx1, cache, tokens_BxG, ended_B | (token_Bx1[:, 0] == EOS)
+
+  init = (jnp.int32(1), token_Bx1, cache, tokens_BxG, token_Bx1[:, 0] == EOS)
+  nfe, _, _, tokens_BxG, _ = jax.lax.while_loop(cond, body, init)
+  commit_BxG = jnp.broadcast_to(jnp.arange(num_new, dtype=jnp.int32), (batch, num_new))
+  return _finish(tokens_BxG, commit_BxG, jnp.zeros((0,), jnp.int32), nfe, num_new)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array,
+              prompt_lens_B: jax.Array, key: jax.Array) -> Generation:
+  params = decoder.prepare(params)
+  pad_B = prompt_BxP.shape[1] - prompt_lens_B
+  run = _ar_generate if s.attention == "causal" else _block_generate
+  return run(decoder, s, params, prompt_BxP, pad_B, key)
+
+
+def generate(decoder: Decoder, params: Any, prompt_BxP: jax.Array, prompt_lens_B: jax.Array,
+             key: jax.Array, settings: Settings) -> Generation:
+  """Generates `settings.max_new_tokens` after each left-padded prompt (see `left_pad`).
+
+  One compilation per (decoder, settings, shapes); same key, same output.
+  """
+  settings.validate()
+  return _generate(decoder, settings, params, prompt_BxP, prompt_lens_B, key)
+
+
+def compile_generate(decoder: Decoder, params: Any, prompt_BxP: jax.Array,
+                     prompt_lens_B: jax.Array, key: jax.Array, settings: Settings):
+  """`generate` compiled ahead of time for these shapes: call it with (params, prompt_BxP,
+  prompt_lens_B, key). Lets benchmarks time compilation apart from decoding."""
+  settings.validate()
+  return _generate.lower(decoder, settings, params, prompt_BxP, prompt_lens_B, key).compile()
