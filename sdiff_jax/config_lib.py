@@ -200,6 +200,7 @@ def sized_config(model: dict, preset: str, seq_len: int, batch_size: int) -> ml_
   c.model.remat = True
   c.model.attention_impl = "cudnn" if preset.startswith("gpu") else ""
   c.train.batch_size = batch_size
+  c.train.grad_accum_steps = 16  # micro-batches of batch_size / 16 rows bound activation memory
   c.train.num_steps = 100_000
   c.train.learning_rate = 3e-4
   c.train.warmup_steps = 2000

@@ -137,9 +137,7 @@ def learning_rate(config: ml_collections.ConfigDict, step: int) -> float:
 # ----------------------------------------------------------------------------- state + steps
 
 
-def init_train_state(objective: Objective, tx: optax.GradientTransformation, mesh,
-                     axis_rules, key: jax.Array, seq_len: int) -> tuple[TrainState, Any]:
-  """Initialises the state directly sharded: eval_shape -> shardings -> jit(init)."""
+def _state_init_fn(objective: Objective, tx: optax.GradientTransformation, seq_len: int):
   length = 2 * seq_len if objective.mode == "block_causal" else seq_len
 
   def init(key):
@@ -149,8 +147,24 @@ def init_train_state(objective: Objective, tx: optax.GradientTransformation, mes
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
-  boxed = jax.eval_shape(init, key)
+  return init
+
+
+def abstract_train_state(objective: Objective, tx: optax.GradientTransformation, mesh,
+                         axis_rules, seq_len: int) -> tuple[TrainState, Any]:
+  """(ShapeDtypeStructs carrying their shardings, shardings) of the state; nothing allocated."""
+  boxed = jax.eval_shape(_state_init_fn(objective, tx, seq_len), jax.random.key(0))
   shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def init_train_state(objective: Objective, tx: optax.GradientTransformation, mesh,
+                     axis_rules, key: jax.Array, seq_len: int) -> tuple[TrainState, Any]:
+  """Initialises the state directly sharded: eval_shape -> shardings -> jit(init)."""
+  _, shardings = abstract_train_state(objective, tx, mesh, axis_rules, seq_len)
+  init = _state_init_fn(objective, tx, seq_len)
   state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
   return state, shardings
 
@@ -198,15 +212,24 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, stat
                            first_nonfinite_step=first_bad)
     return new_state, {**metrics, "grad_norm": grad_norm}
 
-  return _per_stage(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                              sharding.replicated(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return _PerStage(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                             sharding.replicated(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def _per_stage(fn, **jit_kwargs) -> Callable[..., Any]:
+class _PerStage:
   """One jit of `fn(..., with_edit)` per curriculum stage; call as f(*args, with_edit=...)."""
-  compiled = {w: jax.jit(functools.partial(fn, with_edit=w), **jit_kwargs) for w in (False, True)}
-  return lambda *args, with_edit: compiled[with_edit](*args)
+
+  def __init__(self, fn, **jit_kwargs):
+    self._jitted = {w: jax.jit(functools.partial(fn, with_edit=w), **jit_kwargs)
+                    for w in (False, True)}
+
+  def __call__(self, *args, with_edit: bool):
+    return self._jitted[with_edit](*args)
+
+  def lower(self, *args, with_edit: bool):
+    """Lowers for abstract arguments (jax.ShapeDtypeStruct), e.g. to compile without data."""
+    return self._jitted[with_edit].lower(*args)
 
 
 def make_eval_step(objective: Objective, mesh, params_shardings):
@@ -215,9 +238,9 @@ def make_eval_step(objective: Objective, mesh, params_shardings):
   def eval_step(params, batch, key, with_edit):
     return objective(params, batch, key, with_edit)[1]
 
-  return _per_stage(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh),
-                                             sharding.replicated(mesh)),
-                    out_shardings=sharding.replicated(mesh))
+  return _PerStage(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh),
+                                            sharding.replicated(mesh)),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh) -> Batch:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from sdiff_jax import sample, train
 from sdiff_jax.data import tokenizer as tokenizer_lib
 

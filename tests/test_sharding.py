@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from helpers import tiny_config
 from sdiff_jax import sharding, train
 
 VOCAB = 64

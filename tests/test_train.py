@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from sdiff_jax import config_lib, corruption, losses, sharding, train
 from sdiff_jax.data import pipeline, tokenizer as tokenizer_lib
 
@@ -119,7 +119,7 @@ def test_golden_first_step(tmp_path):
   Update the numbers only for an intended change of the model, the objective,
   the initialisation or the data pipeline (and say so in the commit message).
   """
-  from conftest import write_code_corpus
+  from helpers import write_code_corpus
   config = tiny_config(write_code_corpus(tmp_path / "c", 12), attention="bidirectional")
   objective, tx, mesh, state, state_sh, batch = _setup(config)
   step = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=1)

@@ -166,10 +166,9 @@ class Transformer(nn.Module):
       if cache is not None:
         new_cache.append(layer_cache)
     x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
-    # Output logits start with std ~ d_model**-0.5, so initial predictions are near uniform.
-    if cfg.tie_embeddings:
-      logits_BxTxV = embed.attend(x_BxTxD) * jnp.asarray(1.0 / cfg.d_model, x_BxTxD.dtype)
-    else:
+    if cfg.tie_embeddings:  # logits start with std ~1
+      logits_BxTxV = embed.attend(x_BxTxD) / jnp.sqrt(cfg.d_model).astype(x_BxTxD.dtype)
+    else:  # logits start with std ~ d_model**-0.5: near-uniform predictions
       unembed_init = nn.with_logical_partitioning(
           nn.initializers.normal(stddev=1.0 / cfg.d_model), ("embed", "vocab"))
       logits_BxTxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,

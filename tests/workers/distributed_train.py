@@ -1,0 +1,84 @@
+"""One process of a (possibly multi-process) training job, for tests/test_multiprocess.py.
+
+    python distributed_train.py OUT_DIR NUM_PROCESSES PROCESS_ID PORT
+
+Trains the tiny bidirectional model for 3 steps on deterministic global batches
+(each process feeds its own rows), saves an orbax checkpoint from every process,
+restores it into a fresh state and takes one more step. Process 0 writes the
+losses and final parameters to OUT_DIR/result.npz.
+"""
+
+import os
+import sys
+
+out_dir, num_processes, process_id, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+import jax  # noqa: E402
+
+if num_processes > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes, process_id=process_id)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import tiny_config  # noqa: E402
+from sdiff_jax import sharding, train  # noqa: E402
+
+VOCAB, ROWS, LENGTH = 64, 8, 64
+
+
+def local_rows(step: int) -> dict[str, np.ndarray]:
+  """This process's slice of a global batch that depends only on `step`."""
+  rng = np.random.default_rng(step)
+  tokens = rng.integers(4, VOCAB, (ROWS, LENGTH)).astype(np.int32)
+  seg = np.ones((ROWS, LENGTH), np.int32)
+  seg[:, LENGTH // 2:] = 2
+  pos = np.where(seg == 1, np.arange(LENGTH), np.arange(LENGTH) - LENGTH // 2).astype(np.int32)
+  per = ROWS // jax.process_count()
+  rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+  return {"tokens": tokens[rows], "segment_ids": seg[rows], "positions": pos[rows]}
+
+
+def main():
+  config = tiny_config("unused", attention="bidirectional")
+  config.mesh.data = -1
+  mesh = sharding.make_mesh(config.mesh)
+  objective = train.Objective(config, VOCAB)
+  tx = train.make_optimizer(config)
+
+  def fresh_state(seed):
+    return train.init_train_state(objective, tx, mesh, sharding.rules(config.mesh),
+                                  jax.random.key(seed), config.data.seq_len)
+
+  state, state_sh = fresh_state(0)
+  step_fn = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=1)
+  losses = []
+  for i in range(3):
+    state, metrics = step_fn(state, train.global_batch(local_rows(i), mesh), jax.random.key(1),
+                             with_edit=i == 2)
+    losses.append(float(metrics["loss"]))
+  mngr = train.checkpoint_manager(os.path.join(out_dir, "workdir"), config)
+  train.save_checkpoint(mngr, state, {"step": 3})
+  mngr.wait_until_finished()
+  other, other_sh = fresh_state(7)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), other,
+                          other_sh)
+  state, data = train.restore_checkpoint(mngr, 3, abstract)
+  assert data == {"step": 3}, data
+  state, metrics = step_fn(state, train.global_batch(local_rows(3), mesh), jax.random.key(1),
+                           with_edit=True)
+  losses.append(float(metrics["loss"]))
+  mngr.close()
+  params = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)),
+                        state.params)
+  if jax.process_index() == 0:
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(os.path.join(out_dir, "result.npz"), losses=np.array(losses), **flat)
+  print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()} "
+        f"losses {losses}", flush=True)
+
+
+if __name__ == "__main__":
+  import jax.experimental.multihost_utils  # noqa: F401
+  main()
