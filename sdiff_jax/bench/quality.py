@@ -5,8 +5,9 @@ r"""Syntax validity of completions per decoding setting, for trained workdirs.
 
 Prompts are the first `def` line (with its body's indentation) of validation
 files. A completion counts as valid when `ast.parse` accepts the prompt plus
-the completion cut after its last complete line, with `pass` appended so that
-an empty body still parses. Causal workdirs are decoded token by token.
+the completion cut after its last complete line (with `pass` appended so that
+an open block still parses) and that cut holds at least one non-blank line:
+an empty completion does not count. Causal workdirs are decoded token by token.
 """
 
 import ast
@@ -41,10 +42,11 @@ def prompts_from(source: str, valid_fraction: float, count: int) -> list[str]:
 
 
 def is_valid(prompt: str, completion: str) -> bool:
-  lines = (prompt + completion).split("\n")
-  code = "\n".join(lines[:-1]) if len(lines) > 1 else lines[0]
+  complete_lines = completion[:completion.rfind("\n") + 1]
+  if not complete_lines.strip():
+    return False
   try:
-    ast.parse(code + "\n    pass\n")
+    ast.parse(prompt + complete_lines + "    pass\n")
     return True
   except SyntaxError:
     return False

@@ -1,0 +1,17 @@
+"""The syntax-validity measure used by bench/quality.py."""
+
+from sdiff_jax.bench.quality import is_valid, prompts_from
+
+
+def test_is_valid_needs_a_complete_parsable_line():
+  prompt = "def f(x):\n    "
+  assert is_valid(prompt, "return x\n")
+  assert is_valid(prompt, "y = 1\n    return y\n    z = (")  # unfinished last line is cut
+  assert not is_valid(prompt, "......")  # nothing complete: not counted
+  assert not is_valid(prompt, "return (\n")
+  assert not is_valid(prompt, "\n\n")
+
+
+def test_prompts_are_function_headers(code_corpus_dir):
+  prompts = prompts_from(str(code_corpus_dir), 0.2, 3)
+  assert prompts and all(p.startswith("def add_") and p.endswith(":\n    ") for p in prompts)
