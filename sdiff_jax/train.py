@@ -10,7 +10,6 @@ Objectives by `config.model.attention`:
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
