@@ -1,6 +1,6 @@
 r"""Quickstart: a small diffusion LM on the Python standard library, on a CPU.
 
-Command to run (about 6 minutes on 2 CPU cores: BPE training, 200 steps, sampling):
+Command to run (about 5 minutes on 2 CPU cores: BPE training, 200 steps, sampling):
 
     python -m sdiff_jax.main --config=configs/quickstart.py --workdir=/tmp/sdiff_quickstart
 
