@@ -108,16 +108,8 @@ def load_model(workdir: str) -> Loaded:
   mesh = _sampling_mesh(config)
   objective = train.Objective(config, tok.vocab_size)
   tx = train.make_optimizer(config)
-  shardings = {}
-
-  def abstract_init(key):
-    state, shardings["state"] = train.init_train_state(
-        objective, tx, mesh, sharding.rules(config.mesh), key, config.data.seq_len)
-    return state
-
-  shapes = jax.eval_shape(abstract_init, jax.random.key(0))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          shapes, shardings["state"])
+  abstract, _ = train.abstract_train_state(objective, tx, mesh, sharding.rules(config.mesh),
+                                           config.data.seq_len)
   state, _ = train.restore_checkpoint(mngr, step, abstract)
   mngr.close()
   return Loaded(config, tok, state.params)

@@ -360,8 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   axis_rules = sharding.rules(config.mesh)
   objective = Objective(config, tok.vocab_size)
   tx = make_optimizer(config)
-  state, state_sh = init_train_state(objective, tx, mesh, axis_rules,
-                                     jax.random.key(config.seed), config.data.seq_len)
+  abstract_state, state_sh = abstract_train_state(objective, tx, mesh, axis_rules,
+                                                  config.data.seq_len)
   train_step = make_train_step(objective, tx, state_sh, mesh, config.train.grad_accum_steps)
   eval_step = make_eval_step(objective, mesh, state_sh.params)
 
@@ -375,10 +375,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   mngr = checkpoint_manager(workdir, config)
   latest = mngr.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_sh)
-    state, data_state = restore_checkpoint(mngr, latest, abstract)
+  if latest is None:
+    state, _ = init_train_state(objective, tx, mesh, axis_rules, jax.random.key(config.seed),
+                                config.data.seq_len)
+  else:  # restored straight into sharded buffers: no initialised copy alongside
+    state, data_state = restore_checkpoint(mngr, latest, abstract_state)
     pipeline.restore_iterator_state(train_iter, data_state)
     logging.info("resumed from checkpoint step %d in %s", latest, mngr.directory)
     print(f"Resumed from step {latest} ({mngr.directory})", flush=True)
