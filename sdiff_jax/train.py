@@ -29,7 +29,6 @@ from sdiff_jax import config_lib, corruption, losses, schedules, sharding
 from sdiff_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from sdiff_jax.metric_writer import MetricWriter, format_duration
 from sdiff_jax.models import Transformer, training_mask
-from sdiff_jax.models.attention_masks import block_causal_mask
 
 Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: int32[B, L]
 
@@ -64,7 +63,7 @@ class Objective:
       length = inputs_BxL.shape[1]
       tokens_Bx2L = jnp.concatenate([inputs_BxL, batch["tokens"]], axis=1)
       pos_Bx2L = jnp.concatenate([pos_BxL, pos_BxL], axis=1)
-      mask = block_causal_mask(seg_BxL, self.config.model.block_size)
+      mask = training_mask(self.mode, seg_BxL, self.config.model.block_size)
       logits, _ = self.model.apply({"params": params}, tokens_Bx2L, pos_Bx2L, mask)
       return logits[:, :length]
     mask = training_mask(self.mode, seg_BxL, self.config.model.block_size)
@@ -115,22 +114,21 @@ class Objective:
     return loss, metrics
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `end_lr_fraction` of it."""
   t = config.train
-  lr = optax.warmup_cosine_decay_schedule(
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
       decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.learning_rate * t.end_lr_fraction)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  t = config.train
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(lr, b1=0.9, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
-
-
-def learning_rate(config: ml_collections.ConfigDict, step: int) -> float:
-  t = config.train
-  return float(optax.warmup_cosine_decay_schedule(
-      0.0, t.learning_rate, t.warmup_steps, max(t.num_steps, t.warmup_steps + 1),
-      t.learning_rate * t.end_lr_fraction)(step))
+      optax.adamw(lr_schedule(config), b1=0.9, b2=t.b2, weight_decay=t.weight_decay,
+                  mask=decay_mask))
 
 
 # ----------------------------------------------------------------------------- state + steps
@@ -422,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         stage = "mask+edit" if with_edit else ("mask" if is_diffusion else "ar")
         writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
                               "train/tokens_per_s": rate, "train/stage": float(with_edit),
-                              "train/learning_rate": learning_rate(config, step)})
+                              "train/learning_rate": float(lr_schedule(config)(step))})
         if is_chief:
           print(f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok | "
                 f"{rate:,.0f} tok/s | ETA {format_duration(eta)}", flush=True)
