@@ -11,9 +11,12 @@ if [[ -n "${NUM_CPU_DEVICES:-}" ]]; then
   export JAX_PLATFORMS=cpu
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${NUM_CPU_DEVICES}"
 fi
+# XLA takes 75% of GPU memory by default; the large configs are sized for 92%
+# of an 80 GB H100 (tests/test_large_configs.py).
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 cmd=(python -m sdiff_jax.main "--config=${CONFIG}" "--workdir=${WORKDIR}" "$@")
 if [[ -n "${DRY_RUN:-}" ]]; then
-  echo "XLA_FLAGS=${XLA_FLAGS:-} ${cmd[*]}"
+  echo "XLA_FLAGS=${XLA_FLAGS:-} XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION} ${cmd[*]}"
   exit 0
 fi
 exec "${cmd[@]}"

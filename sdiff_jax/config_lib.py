@@ -40,7 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
   c.model.tie_embeddings = False
   c.model.remat = False  # rematerialise each layer in the backward pass
-  c.model.attention_impl = ""  # "" (XLA) or "cudnn" (fused attention on NVIDIA GPUs)
+  c.model.attention_impl = ""  # "" (XLA), "cudnn" (fused, NVIDIA GPUs), "chunked" (O(T) memory)
+  c.model.attention_chunk = 512  # queries per chunk when attention_impl="chunked"
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.gamma_schedule = "linear"  # mask probability gamma_t: linear | cosine | polyK
@@ -86,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
       ("kv_heads", "tensor"),
       ("mlp", "tensor"),
       ("head_dim", None),
+      ("layers", None),
   )
   return c
 
@@ -96,7 +98,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
       vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
       n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, d_ff=m.d_ff, rope_theta=m.rope_theta,
       dtype=m.dtype, tie_embeddings=m.tie_embeddings, remat=m.remat,
-      attention_impl=m.attention_impl or None)
+      attention_impl=m.attention_impl or None, attention_chunk=m.attention_chunk)
 
 
 def _fail(field: str, value, why: str):
@@ -120,7 +122,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, "data.packing", ("pack", "pad"))
   _choice(config, "data.backend", ("grain", "tfds"))
   _choice(config, "model.dtype", ("float32", "bfloat16"))
-  _choice(config, "model.attention_impl", ("", "xla", "cudnn"))
+  _choice(config, "model.attention_impl", ("", "xla", "cudnn", "chunked"))
   _choice(config, "train.nonfinite", NONFINITE_POLICIES)
   for field, fn in (("diffusion.gamma_schedule", schedules.get_gamma_schedule),
                     ("diffusion.alpha_schedule",
@@ -129,7 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fn(config[field.split(".")[0]][field.split(".")[1]])
     except ValueError as e:
       raise ValueError(f"config.{field}: {e}") from None
-  positive = ("data.seq_len", "model.block_size", "model.d_model", "model.n_layers",
+  positive = ("data.seq_len", "model.block_size", "model.attention_chunk", "model.d_model", "model.n_layers",
               "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
               "train.num_steps", "train.batch_size", "train.grad_accum_steps",
               "train.log_every", "train.eval_every", "train.eval_batches",
@@ -198,9 +200,13 @@ def sized_config(model: dict, preset: str, seq_len: int, batch_size: int) -> ml_
   c.model.update(model)
   c.model.dtype = "bfloat16"
   c.model.remat = True
-  c.model.attention_impl = "cudnn" if preset.startswith("gpu") else ""
+  # cuDNN's fused attention on GPUs; elsewhere (TPU, CPU) our query-chunked XLA attention.
+  c.model.attention_impl = "cudnn" if preset.startswith("gpu") else "chunked"
   c.train.batch_size = batch_size
-  c.train.grad_accum_steps = 16  # micro-batches of batch_size / 16 rows bound activation memory
+  # GPU nodes: micro-batches of batch_size / 16 rows (2 per GPU on 8) bound activation
+  # memory. TPU slices: one micro-batch; batch_size / grad_accum_steps must be a
+  # multiple of the chips (256 rows: up to 256 chips; raise it for smaller slices' memory).
+  c.train.grad_accum_steps = 16 if preset.startswith("gpu") else 1
   c.train.num_steps = 100_000
   c.train.learning_rate = 3e-4
   c.train.warmup_steps = 2000

@@ -214,12 +214,12 @@ def _copy_slots(cache: KVCache, rows_B: jax.Array, source: int, dest: jax.Array,
                 ) -> KVCache:
   """Copies cache slots [source, source+size) to [dest, dest+size) in the rows `rows_B`."""
 
-  def copy(x_BxS):
-    source_BxK = jax.lax.dynamic_slice_in_dim(x_BxS, source, size, axis=1)
-    dest_BxK = jax.lax.dynamic_slice_in_dim(x_BxS, dest, size, axis=1)
-    rows = rows_B.reshape((-1,) + (1,) * (x_BxS.ndim - 1))
-    return jax.lax.dynamic_update_slice_in_dim(x_BxS, jnp.where(rows, source_BxK, dest_BxK),
-                                               dest, axis=1)
+  def copy(x_LxBxS):  # [layers, B, slots, ...]
+    source_LxBxK = jax.lax.dynamic_slice_in_dim(x_LxBxS, source, size, axis=2)
+    dest_LxBxK = jax.lax.dynamic_slice_in_dim(x_LxBxS, dest, size, axis=2)
+    rows = rows_B.reshape((1, -1) + (1,) * (x_LxBxS.ndim - 2))
+    return jax.lax.dynamic_update_slice_in_dim(
+        x_LxBxS, jnp.where(rows, source_LxBxK, dest_LxBxK), dest, axis=2)
 
   return jax.tree.map(copy, cache)
 

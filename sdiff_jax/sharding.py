@@ -5,6 +5,7 @@ left over by the others. `dcn_*` sizes split the mesh across slices or nodes
 (the slow network); the product of in-slice and dcn sizes is the mesh shape.
 """
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -68,3 +69,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, axis_rules):
+  """Around tracing a step: the model's logical activation constraints (rows over
+  data + fsdp) resolve on `mesh`. Outside it they are no-ops."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    yield

@@ -10,6 +10,7 @@ Objectives by `config.model.attention`:
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdiff_jax import config_lib, corruption, losses, schedules, sharding
 from sdiff_jax.data import pipeline, sources, tokenizer as tokenizer_lib
@@ -175,10 +177,17 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, stat
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(params, batch, key, with_edit)
       return grads, metrics
-    micro = jax.tree.map(
-        lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+    # Micro-batch i takes rows i, i + n, i + 2n, ... (n = grad_accum_steps): every
+    # device keeps its own rows, so the split moves no data and each micro-batch
+    # stays sharded over (data, fsdp). A (n, B/n) split would put the sharding on
+    # the scan axis and hand every device whole micro-batches.
+    split = lambda x: jax.lax.with_sharding_constraint(
+        jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1),
+        NamedSharding(mesh, P(None, *sharding.batch_sharding(mesh).spec)))
+    micro = jax.tree.map(split, batch)
 
     def one(micro_batch, key):
+      micro_batch = jax.lax.with_sharding_constraint(micro_batch, sharding.batch_sharding(mesh))
       (_, metrics), grads = grad_fn(params, micro_batch, key, with_edit)
       return grads, metrics
 
@@ -195,6 +204,12 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, stat
     return jax.tree.map(scale, grads), metrics
 
   def train_step(state: TrainState, batch: Batch, key: jax.Array, with_edit: bool):
+    rows, shards = batch["tokens"].shape[0], mesh.shape["data"] * mesh.shape["fsdp"]
+    if (rows // grad_accum_steps) % shards:
+      raise ValueError(
+          f"a micro-batch of {rows} rows / {grad_accum_steps} accumulation steps does not "
+          f"split over the {shards} (data x fsdp) devices: make train.batch_size / "
+          f"train.grad_accum_steps a multiple of {shards}")
     key = jax.random.fold_in(key, state.step)
     grads, metrics = grads_of(state.params, batch, key, with_edit)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -209,24 +224,32 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, stat
                            first_nonfinite_step=first_bad)
     return new_state, {**metrics, "grad_norm": grad_norm}
 
-  return _PerStage(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+  return _PerStage(train_step, mesh, sharding.rules(objective.config.mesh),
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                              sharding.replicated(mesh)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 class _PerStage:
-  """One jit of `fn(..., with_edit)` per curriculum stage; call as f(*args, with_edit=...)."""
+  """One jit of `fn(..., with_edit)` per curriculum stage; call as f(*args, with_edit=...).
 
-  def __init__(self, fn, **jit_kwargs):
+  Traced under `sharding.activation_rules`, so the model's activations keep their
+  rows sharded over (data, fsdp) instead of whatever XLA's propagation picks.
+  """
+
+  def __init__(self, fn, mesh, axis_rules, **jit_kwargs):
+    self._context = lambda: sharding.activation_rules(mesh, axis_rules)
     self._jitted = {w: jax.jit(functools.partial(fn, with_edit=w), **jit_kwargs)
                     for w in (False, True)}
 
   def __call__(self, *args, with_edit: bool):
-    return self._jitted[with_edit](*args)
+    with self._context():
+      return self._jitted[with_edit](*args)
 
   def lower(self, *args, with_edit: bool):
     """Lowers for abstract arguments (jax.ShapeDtypeStruct), e.g. to compile without data."""
-    return self._jitted[with_edit].lower(*args)
+    with self._context():
+      return self._jitted[with_edit].lower(*args)
 
 
 def make_eval_step(objective: Objective, mesh, params_shardings):
@@ -235,7 +258,8 @@ def make_eval_step(objective: Objective, mesh, params_shardings):
   def eval_step(params, batch, key, with_edit):
     return objective(params, batch, key, with_edit)[1]
 
-  return _PerStage(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh),
+  return _PerStage(eval_step, mesh, sharding.rules(objective.config.mesh),
+                   in_shardings=(params_shardings, sharding.batch_sharding(mesh),
                                             sharding.replicated(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
@@ -255,6 +279,17 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
   return tokenizer_lib.get_or_build_tokenizer(
       os.path.join(workdir, "tokenizer"), d.tokenizer, d.vocab_size,
       lambda: sources.load_corpus(d.source, "train", d.valid_fraction))
+
+
+def chief_first(build: Callable[[], Any], what: str) -> Any:
+  """`build()` on process 0, then on the others once it has finished: files it writes
+  to the shared workdir (tokenizer, TFDS ArrayRecords) are written once, then loaded."""
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils
+  result = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"sdiff_jax: process 0 prepared the {what}")
+  return result if jax.process_index() == 0 else build()
 
 
 def data_config_for(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -287,13 +322,44 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state: T
     raise CheckpointError(
         f"checkpoint step {step} in {mngr.directory} could not be restored: "
         f"{type(e).__name__}: {str(e)[:300]}{hint}") from e
-  return restored["state"], restored["data"]
+  return restored["state"], _this_process_data_state(restored["data"])
+
+
+def _this_process_data_state(saved: dict) -> dict | None:
+  """This process's iterator state from the per-process list a checkpoint holds;
+  None (start the data afresh) when the checkpoint was written by another number
+  of processes, whose shards of the data do not map onto this run's."""
+  count, index = jax.process_count(), jax.process_index()
+  if "per_process" not in saved:  # written before per-process states: one process's
+    return saved
+  if saved["process_count"] != count:
+    logging.warning("checkpoint's data iterator states come from %d processes, this run has %d: "
+                    "the data stream restarts (the model state is restored)",
+                    saved["process_count"], count)
+    return None
+  return saved["per_process"][index]
+
+
+def _gather_data_states(data_state: dict) -> list[dict]:
+  """Every process's iterator state, in process order (a collective on all processes):
+  each process reads its own shard of the data, so each has its own position."""
+  if jax.process_count() == 1:
+    return [data_state]
+  from jax.experimental import multihost_utils
+  raw_N = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  lengths_P = np.asarray(multihost_utils.process_allgather(np.int32(raw_N.size)))
+  padded_N = np.zeros(int(lengths_P.max()), np.uint8)
+  padded_N[:raw_N.size] = raw_N
+  every_PxN = np.asarray(multihost_utils.process_allgather(padded_N))
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every_PxN, lengths_P)]
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict,
                     force: bool = False) -> None:
+  """Saves the state and every process's `data_state` (call on all processes)."""
+  data = {"process_count": jax.process_count(), "per_process": _gather_data_states(data_state)}
   mngr.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -349,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
-  tok = prepare_tokenizer(config, workdir)
+  tok = chief_first(lambda: prepare_tokenizer(config, workdir), "tokenizer")
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -365,8 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   data_config = data_config_for(config, workdir)
   per_process_batch = config.train.batch_size // jax.process_count()
-  train_ds = pipeline.make_dataset_from_config(
-      data_config, tok, "train", batch_size=per_process_batch, seed=config.seed)
+  train_ds = chief_first(lambda: pipeline.make_dataset_from_config(
+      data_config, tok, "train", batch_size=per_process_batch, seed=config.seed), "data")
   train_iter = iter(train_ds)
   eval_ds = pipeline.make_dataset_from_config(
       data_config, tok, "validation", batch_size=per_process_batch, seed=config.seed)
@@ -378,7 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                 config.data.seq_len)
   else:  # restored straight into sharded buffers: no initialised copy alongside
     state, data_state = restore_checkpoint(mngr, latest, abstract_state)
-    pipeline.restore_iterator_state(train_iter, data_state)
+    if data_state is not None:
+      pipeline.restore_iterator_state(train_iter, data_state)
     logging.info("resumed from checkpoint step %d in %s", latest, mngr.directory)
     print(f"Resumed from step {latest} ({mngr.directory})", flush=True)
 

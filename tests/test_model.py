@@ -116,7 +116,7 @@ def test_gqa_equals_repeated_heads():
   mha_cfg = ModelConfig(**{**CFG.__dict__, "n_kv_heads": CFG.n_heads})
   groups = CFG.n_heads // CFG.n_kv_heads
   p_mha = jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.repeat(x, groups, axis=1)
+      lambda path, x: jnp.repeat(x, groups, axis=2)  # [layers, embed, kv_heads, head_dim]
       if any(getattr(k, "key", None) in ("key", "value") for k in path) else x, p)
   a = gqa.apply({"params": p}, tokens, pos, mask)[0]
   b = Transformer(mha_cfg).apply({"params": p_mha}, tokens, pos, mask)[0]

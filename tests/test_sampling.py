@@ -34,7 +34,7 @@ class TableDecoder(sampling.Decoder):
     return logits_BxTxV, cache
 
   def init_cache(self, batch, length):
-    return jnp.zeros((batch, length))
+    return jnp.zeros((1, batch, length))  # [layers, B, S] like a real cache
 
 
 def _confidence_logit(p: float) -> float:

@@ -67,13 +67,14 @@ def test_parameter_shardings_follow_the_rules():
   _, _, state, _ = _run((2, 2, 2), "bidirectional")
   p = state.params
   assert p["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
-  assert p["layer_0"]["attn"]["query"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
-  assert p["layer_0"]["attn"]["out"]["kernel"].sharding.spec == P("tensor", None, "fsdp")
-  assert p["layer_0"]["mlp"]["down"]["kernel"].sharding.spec == P("tensor", "fsdp")
-  assert p["layer_0"]["attn_norm"]["scale"].sharding.spec == P("fsdp")
+  layers = p["layers"]  # the scanned layer: a leading, unsharded `layers` axis
+  assert layers["attn"]["query"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert layers["attn"]["out"].sharding.spec == P(None, "tensor", None, "fsdp")
+  assert layers["mlp"]["down"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
+  assert layers["attn_norm"]["scale"].sharding.spec == P(None, "fsdp")
   # Adam moments are sharded like their parameters.
   mu = state.opt_state[1][0].mu
-  assert mu["layer_0"]["mlp"]["up"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  assert mu["layers"]["mlp"]["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_mesh_sizes():
@@ -102,5 +103,5 @@ def test_checkpoint_saved_on_8_devices_restores_on_fewer(tmp_path, restore_devic
   assert data == {"pos": 3}
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params8)):
     np.testing.assert_array_equal(np.asarray(a), b)
-  leaf = state.params["layer_0"]["mlp"]["up"]["kernel"]
+  leaf = state.params["layers"]["mlp"]["up"]["kernel"]
   assert len(leaf.sharding.device_set) == restore_devices

@@ -78,10 +78,11 @@ def _reconstruction_bits(objective, params, batch, gamma=0.15, repeats=8):
 
 
 @pytest.mark.parametrize("attention,steps,limit", [
-    ("causal", 50, 0.05), ("block_causal", 150, 0.15), ("bidirectional", 300, 0.4)])
+    ("causal", 50, 0.05), ("block_causal", 150, 0.25), ("bidirectional", 300, 0.4)])
 def test_overfits_one_batch(attention, steps, limit, code_corpus_dir):
   """One row memorised. Measured (d_model 64, 2 layers): AR reaches ~0.5% of its initial
-  loss in 50 steps, block_causal ~8% in 150, bidirectional ~32% in 300: with every query
+  loss in 50 steps, block_causal 3-16% in 150 (seeds 0-2; seed 0, the one here: 16%),
+  bidirectional ~32% in 300: with every query
   a MASK, it must learn position-selective attention from RoPE alone, which a 2-layer model
   learns slowly; the limits leave a margin over these."""
   config = tiny_config(code_corpus_dir, attention=attention, learning_rate=1e-2, warmup_steps=5,
@@ -129,7 +130,8 @@ def test_golden_first_step(tmp_path):
     assert got[k] == pytest.approx(v, rel=1e-4), got
 
 
-GOLDEN = {"loss": 15.187878, "mask_bits": 7.154627, "edit_bits": 8.033251, "grad_norm": 3.359867}
+# Updated for the scanned layers (per-layer init keys now come from nn.scan's split).
+GOLDEN = {"loss": 15.294926, "mask_bits": 7.208705, "edit_bits": 8.086221, "grad_norm": 3.345451}
 
 
 def _run_main(workdir, config_args, **popen_kw):
@@ -236,3 +238,10 @@ def test_nonfinite_loss(policy, tmp_path, code_corpus_dir):
   else:
     result = train.train_and_evaluate(config, str(tmp_path))
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(result.state.params))
+
+
+def test_data_state_is_per_process():
+  saved = {"process_count": 1, "per_process": [{"pos": 5}]}
+  assert train._this_process_data_state(saved) == {"pos": 5}
+  # Written by 2 processes, restored by 1: their data shards differ, the stream restarts.
+  assert train._this_process_data_state({"process_count": 2, "per_process": [{}, {}]}) is None

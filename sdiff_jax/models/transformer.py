@@ -5,8 +5,10 @@ attention mask (see `attention_masks`). Decoding passes an explicit KV cache
 pytree: the new keys/values are written at `cache_index` and the queries
 attend over the whole cache, so the mask is then `[B, T, S_cache]`.
 
-Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
-`head_dim`, `mlp`); `sharding.py` maps them to mesh axes.
+The layers are one `nn.scan`: every layer parameter and the cache have a
+leading `layers` axis. Parameters carry logical axis names (`layers`, `vocab`,
+`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`); `sharding.py` maps them to
+mesh axes.
 """
 
 import dataclasses
@@ -16,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-KVCache = list[dict[str, jax.Array]]  # per layer: k, v of shape [B, S, KVH, Dh]
+KVCache = dict[str, jax.Array]  # k, v of shape [n_layers, B, S, KVH, Dh]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,7 +39,8 @@ class ModelConfig:
   dtype: str = "float32"
   tie_embeddings: bool = False
   remat: bool = False
-  attention_impl: str | None = None  # None / "xla" / "cudnn"
+  attention_impl: str | None = None  # None / "xla" / "cudnn" / "chunked"
+  attention_chunk: int = 512  # queries per chunk of the "chunked" attention
 
   @property
   def compute_dtype(self) -> Any:
@@ -49,6 +52,12 @@ class ModelConfig:
     per_layer = d * dh * (h + 2 * kv) + h * dh * d + 3 * d * f + 2 * d
     unembed = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + unembed + self.n_layers * per_layer + d
+
+
+def _rows_sharded(x: jax.Array) -> jax.Array:
+  """Rows over the `batch` mesh axes while a step is traced under axis rules
+  (`sharding.activation_rules`); a no-op otherwise."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def _dense_init(axes: tuple[str, ...]):
@@ -82,35 +91,67 @@ def apply_rope(x_BxTxHxDh: jax.Array, positions_BxT: jax.Array, theta: float) ->
   return out.astype(x_BxTxHxDh.dtype)
 
 
+def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
+              mask_BxTxS: jax.Array, impl: str | None, chunk: int = 512) -> jax.Array:
+  """Softmax attention (GQA: H a multiple of K heads) under a boolean mask.
+
+  `impl="chunked"` runs the queries `chunk` at a time, each chunk rematerialised
+  in the backward pass, so memory grows with T * chunk, not T * T: the same
+  numbers as XLA's attention on any backend (TPU, CPU) without a fused kernel.
+  """
+  length = q_BxTxHxDh.shape[1]
+  if impl != "chunked":
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+                                        mask=mask_BxTxS[:, None], implementation=impl)
+  if length <= chunk or length % chunk:
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+                                        mask=mask_BxTxS[:, None])
+  split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(args):
+    q_BxCxHxDh, mask_BxCxS = args
+    return jax.nn.dot_product_attention(q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+                                        mask=mask_BxCxS[:, None])
+
+  out_NxBxCxHxDh = jax.lax.map(one, (split(q_BxTxHxDh), split(mask_BxTxS)))
+  return jnp.moveaxis(out_NxBxCxHxDh, 0, 1).reshape(q_BxTxHxDh.shape)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, layer, cache=None, cache_index=None):
     cfg, dtype = self.cfg, self.cfg.compute_dtype
+    x_BxTxD = x_BxTxD.astype(dtype)
 
     def proj(heads, name, axes):
-      return nn.DenseGeneral((heads, cfg.head_dim), use_bias=False, dtype=dtype,
-                             kernel_init=_dense_init(axes), name=name)(x_BxTxD)
+      init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))  # fan-in d_model
+      kernel_DxHxDh = self.param(name, nn.with_logical_partitioning(init, axes),
+                                 (cfg.d_model, heads, cfg.head_dim))
+      return jnp.einsum("btd,dhk->bthk", x_BxTxD, kernel_DxHxDh.astype(dtype))
 
     q_BxTxHxDh = proj(cfg.n_heads, "query", ("embed", "heads", "head_dim"))
     k_BxTxKxDh = proj(cfg.n_kv_heads, "key", ("embed", "kv_heads", "head_dim"))
     v_BxTxKxDh = proj(cfg.n_kv_heads, "value", ("embed", "kv_heads", "head_dim"))
     q_BxTxHxDh = apply_rope(q_BxTxHxDh, positions_BxT, cfg.rope_theta)
     k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, cfg.rope_theta)
-    if cache is not None:
-      start = (0, cache_index, 0, 0)
-      k_BxSxKxDh = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxDh.astype(cache["k"].dtype), start)
-      v_BxSxKxDh = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxDh.astype(cache["v"].dtype), start)
-      cache = {"k": k_BxSxKxDh, "v": v_BxSxKxDh}
+    if cache is not None:  # the whole [layers, B, S, ...] cache: written in place at `layer`
+      start = (layer, 0, cache_index, 0, 0)
+      cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
+                                                  start)
+               for name, new in (("k", k_BxTxKxDh), ("v", v_BxTxKxDh))}
+      k_BxSxKxDh, v_BxSxKxDh = cache["k"][layer], cache["v"][layer]
     else:
       k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
-    out_BxTxHxDh = jax.nn.dot_product_attention(
-        q_BxTxHxDh, k_BxSxKxDh.astype(dtype), v_BxSxKxDh.astype(dtype),
-        mask=mask_BxTxS[:, None], implementation=cfg.attention_impl)
-    out_BxTxD = nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
-        kernel_init=_dense_init(("heads", "head_dim", "embed")), name="out")(out_BxTxHxDh)
+    out_BxTxHxDh = attention(q_BxTxHxDh, k_BxSxKxDh.astype(dtype), v_BxSxKxDh.astype(dtype),
+                             mask_BxTxS, cfg.attention_impl, cfg.attention_chunk)
+    out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)  # fan-in H * Dh
+    kernel_HxDhxD = self.param(
+        "out", nn.with_logical_partitioning(out_init, ("heads", "head_dim", "embed")),
+        (cfg.n_heads, cfg.head_dim, cfg.d_model))
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, kernel_HxDhxD.astype(dtype))
     return out_BxTxD, cache
 
 
@@ -128,18 +169,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+  """One layer as a scan body: carry (activations, whole cache or None), scanned layer index."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+  def __call__(self, carry, layer, positions_BxT, mask_BxTxS, cache_index):
     cfg = self.cfg
+    x_BxTxD, cache = carry
     h, cache = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxTxD),
-        positions_BxT, mask_BxTxS, cache, cache_index)
+        positions_BxT, mask_BxTxS, layer, cache, cache_index)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxTxD))
-    return x_BxTxD, cache
+    return (_rows_sharded(x_BxTxD), cache), None
 
 
 class Transformer(nn.Module):
@@ -156,15 +200,17 @@ class Transformer(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(stddev=1.0), ("vocab", "embed")), name="embed")
-    x_BxTxD = embed(tokens_BxT)
-    block_cls = nn.remat(Block, prevent_cse=True) if cfg.remat and cache is None else Block
-    new_cache = None if cache is None else []
-    for i in range(cfg.n_layers):
-      layer_cache = None if cache is None else cache[i]
-      x_BxTxD, layer_cache = block_cls(cfg, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index)
-      if cache is not None:
-        new_cache.append(layer_cache)
+    x_BxTxD = _rows_sharded(embed(tokens_BxT))
+    # One scanned layer: parameters carry a leading `layers` axis. Compile time does
+    # not grow with depth, and with remat the backward pass keeps only each layer's
+    # input alive, whatever the backend's scheduler does. The cache rides in the
+    # carry, so a forward writes only its new slots (no copy of the cache per layer).
+    block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat and cache is None else Block
+    layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    (x_BxTxD, new_cache), _ = layers(cfg, name="layers")(
+        (x_BxTxD, cache), jnp.arange(cfg.n_layers), positions_BxT, mask_BxTxS, cache_index)
     x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:  # logits start with std ~1
       logits_BxTxV = embed.attend(x_BxTxD) / jnp.sqrt(cfg.d_model).astype(x_BxTxD.dtype)
@@ -173,11 +219,11 @@ class Transformer(nn.Module):
           nn.initializers.normal(stddev=1.0 / cfg.d_model), ("embed", "vocab"))
       logits_BxTxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                               kernel_init=unembed_init, name="unembed")(x_BxTxD)
-    return logits_BxTxV.astype(jnp.float32), new_cache
+    return _rows_sharded(logits_BxTxV.astype(jnp.float32)), new_cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
   """An empty KV cache for `length` positions."""
-  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

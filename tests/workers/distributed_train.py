@@ -59,13 +59,14 @@ def main():
                              with_edit=i == 2)
     losses.append(float(metrics["loss"]))
   mngr = train.checkpoint_manager(os.path.join(out_dir, "workdir"), config)
-  train.save_checkpoint(mngr, state, {"step": 3})
+  # Each process reads its own shard, so each saves (and gets back) its own data state.
+  train.save_checkpoint(mngr, state, {"step": 3, "process": jax.process_index()})
   mngr.wait_until_finished()
   other, other_sh = fresh_state(7)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), other,
                           other_sh)
   state, data = train.restore_checkpoint(mngr, 3, abstract)
-  assert data == {"step": 3}, data
+  assert data == {"step": 3, "process": jax.process_index()}, data
   state, metrics = step_fn(state, train.global_batch(local_rows(3), mesh), jax.random.key(1),
                            with_edit=True)
   losses.append(float(metrics["loss"]))
