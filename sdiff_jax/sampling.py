@@ -39,7 +39,7 @@ import numpy as np
 
 from sdiff_jax import losses
 from sdiff_jax.data import tokenizer as tokenizer_lib
-from sdiff_jax.models import KVCache, ModelConfig, Transformer, init_cache
+from sdiff_jax.models import KVCache, ModelConfig, Transformer, init_cache, unstack_layers
 
 PAD, BOS, EOS, MASK = (tokenizer_lib.PAD_ID, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID,
                        tokenizer_lib.MASK_ID)
@@ -84,22 +84,32 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-  """The model as the sampler sees it: a cached forward and an empty cache."""
+  """The model as the sampler sees it: a cached forward and an empty cache.
+
+  It runs the model with unrolled layers (`scan_layers=False`): `prepare` splits
+  trained (scanned) parameters per layer once, before the loop.
+  """
 
   cfg: ModelConfig
+
+  @property
+  def unrolled(self) -> ModelConfig:
+    return dataclasses.replace(self.cfg, scan_layers=False)
 
   def apply(self, params, tokens_BxT: jax.Array, positions_BxT: jax.Array,
             mask_BxTxS: jax.Array, cache: KVCache, cache_index: jax.Array
             ) -> tuple[jax.Array, KVCache]:
-    return Transformer(self.cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
-                                       cache, cache_index)
+    return Transformer(self.unrolled).apply({"params": params}, tokens_BxT, positions_BxT,
+                                            mask_BxTxS, cache, cache_index)
 
   def init_cache(self, batch: int, length: int) -> KVCache:
-    return init_cache(self.cfg, batch, length)
+    return init_cache(self.unrolled, batch, length)
 
   def prepare(self, params):
-    """Parameters in the compute dtype, cast once before the loop (halves bf16 weight reads)."""
+    """Parameters per layer and in the compute dtype, once before the loop (bf16 halves
+    the weight reads; per-layer weights are read in place, not sliced from a stack)."""
     dtype = self.cfg.compute_dtype
+    params = unstack_layers(params, self.cfg.n_layers)
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                         params)
 

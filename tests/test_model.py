@@ -121,3 +121,50 @@ def test_gqa_equals_repeated_heads():
   a = gqa.apply({"params": p}, tokens, pos, mask)[0]
   b = Transformer(mha_cfg).apply({"params": p_mha}, tokens, pos, mask)[0]
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_attention_equals_xla_with_gradients():
+  """Query-chunked attention (GQA, segment + block-causal masks) equals XLA's whole-matrix
+  attention, in value and in the gradients of q, k and v, on fresh random inputs."""
+  from sdiff_jax.models.transformer import attention
+  kq, kk, kv, kg = jax.random.split(jax.random.key(7), 4)
+  b, t, h, k, dh = 2, 64, 4, 2, 8
+  q = jax.random.normal(kq, (b, t, h, dh))
+  keys, values = jax.random.normal(kk, (b, t, k, dh)), jax.random.normal(kv, (b, t, k, dh))
+  seg = np.ones((b, t), np.int32)
+  seg[0, 40:] = 2
+  blocks = np.arange(t) // 8  # block-causal within segments
+  mask = (seg[:, :, None] == seg[:, None, :]) & (blocks[:, None] >= blocks[None, :])
+  cotangent = jax.random.normal(kg, (b, t, h, dh))
+
+  def loss(impl, q, keys, values):
+    return jnp.sum(attention(q, keys, values, jnp.asarray(mask), impl, chunk=16) * cotangent)
+
+  for argnum in range(3):
+    full = jax.grad(lambda *a: loss(None, *a), argnums=argnum)(q, keys, values)
+    chunked = jax.grad(lambda *a: loss("chunked", *a), argnums=argnum)(q, keys, values)
+    np.testing.assert_allclose(chunked, full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(attention(q, keys, values, jnp.asarray(mask), "chunked", 16),
+                             attention(q, keys, values, jnp.asarray(mask), None), atol=1e-6)
+
+
+def test_unrolled_layers_equal_the_scan(params):
+  """The decoder's unrolled model on `unstack_layers` parameters gives the scanned model's
+  logits, without and with a KV cache (prefill, then one token)."""
+  import dataclasses
+  from sdiff_jax.models import unstack_layers
+  unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
+  unrolled = unstack_layers(params, CFG.n_layers)
+  assert "layers" not in unrolled and "layer_1" in unrolled
+  tokens, seg, pos = _inputs(jax.random.key(3))
+  mask = training_mask("bidirectional", seg, BLOCK)
+  np.testing.assert_allclose(Transformer(unrolled_cfg).apply({"params": unrolled}, tokens, pos, mask)[0],
+                             APPLY({"params": params}, tokens, pos, mask)[0], atol=1e-5, rtol=1e-5)
+  causal = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (2, L, L))
+  outs = []
+  for cfg, p in ((CFG, params), (unrolled_cfg, unrolled)):
+    model, cache = Transformer(cfg), init_cache(cfg, 2, L)
+    _, cache = model.apply({"params": p}, tokens[:, :L - 1], pos[:, :L - 1], causal[:, :L - 1], cache, 0)
+    outs.append(model.apply({"params": p}, tokens[:, L - 1:], pos[:, L - 1:], causal[:, L - 1:], cache,
+                            L - 1)[0])
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)

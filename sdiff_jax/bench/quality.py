@@ -14,7 +14,7 @@ import ast
 import json
 import re
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sdiff_jax import sample
 from sdiff_jax.data import sources
@@ -54,6 +54,8 @@ def is_valid(prompt: str, completion: str) -> bool:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs each restore step at INFO
   loaded = sample.load_model(_WORKDIR.value)
   d = loaded.config.data
   prompts = prompts_from(d.source, d.valid_fraction, _NUM_PROMPTS.value)

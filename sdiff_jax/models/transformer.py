@@ -5,8 +5,9 @@ attention mask (see `attention_masks`). Decoding passes an explicit KV cache
 pytree: the new keys/values are written at `cache_index` and the queries
 attend over the whole cache, so the mask is then `[B, T, S_cache]`.
 
-The layers are one `nn.scan`: every layer parameter and the cache have a
-leading `layers` axis. Parameters carry logical axis names (`layers`, `vocab`,
+The layers are one `nn.scan` (training): every layer parameter has a leading
+`layers` axis. Decoding unrolls them (`scan_layers=False`, parameters split
+once by `unstack_layers`) so no forward slices weights out of the stack. Parameters carry logical axis names (`layers`, `vocab`,
 `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`); `sharding.py` maps them to
 mesh axes.
 """
@@ -18,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-KVCache = dict[str, jax.Array]  # k, v of shape [n_layers, B, S, KVH, Dh]
+# k, v of shape [n_layers, B, S, KVH, Dh] (scanned layers), or a list of per-layer
+# {k, v} of shape [1, B, S, KVH, Dh] (unrolled layers, see ModelConfig.scan_layers).
+KVCache = dict[str, jax.Array] | list[dict[str, jax.Array]]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -41,6 +44,7 @@ class ModelConfig:
   remat: bool = False
   attention_impl: str | None = None  # None / "xla" / "cudnn" / "chunked"
   attention_chunk: int = 512  # queries per chunk of the "chunked" attention
+  scan_layers: bool = True  # False: unrolled layers, for decoding (see Transformer)
 
   @property
   def compute_dtype(self) -> Any:
@@ -201,16 +205,28 @@ class Transformer(nn.Module):
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(stddev=1.0), ("vocab", "embed")), name="embed")
     x_BxTxD = _rows_sharded(embed(tokens_BxT))
-    # One scanned layer: parameters carry a leading `layers` axis. Compile time does
-    # not grow with depth, and with remat the backward pass keeps only each layer's
-    # input alive, whatever the backend's scheduler does. The cache rides in the
-    # carry, so a forward writes only its new slots (no copy of the cache per layer).
     block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat and cache is None else Block
-    layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    (x_BxTxD, new_cache), _ = layers(cfg, name="layers")(
-        (x_BxTxD, cache), jnp.arange(cfg.n_layers), positions_BxT, mask_BxTxS, cache_index)
+    if cfg.scan_layers:
+      # One scanned layer: parameters carry a leading `layers` axis. Compile time
+      # does not grow with depth, and with remat the backward pass keeps only each
+      # layer's input alive, whatever the backend's scheduler does. The cache rides
+      # in the carry, so a forward writes only its new slots.
+      layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      (x_BxTxD, new_cache), _ = layers(cfg, name="layers")(
+          (x_BxTxD, cache), jnp.arange(cfg.n_layers), positions_BxT, mask_BxTxS, cache_index)
+    else:
+      # Layers unrolled, each with its own parameters (`unstack_layers`) and its own
+      # [1, B, S, ...] cache: a scanned layer's weights are sliced out of the stack
+      # on every forward (on CPU a copy), which decoding, bound by weight reads, avoids.
+      new_cache = None if cache is None else []
+      for i in range(cfg.n_layers):
+        (x_BxTxD, layer_cache), _ = block_cls(cfg, name=f"layer_{i}")(
+            (x_BxTxD, None if cache is None else cache[i]), 0, positions_BxT, mask_BxTxS,
+            cache_index)
+        if cache is not None:
+          new_cache.append(layer_cache)
     x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:  # logits start with std ~1
       logits_BxTxV = embed.attend(x_BxTxD) / jnp.sqrt(cfg.d_model).astype(x_BxTxD.dtype)
@@ -223,7 +239,20 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
-  """An empty KV cache for `length` positions."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  """An empty KV cache for `length` positions: one [n_layers, B, S, KVH, Dh] stack for
+  scanned layers, a list of per-layer [1, B, S, KVH, Dh] caches for unrolled ones."""
   dtype = dtype or cfg.compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  empty = lambda layers: {name: jnp.zeros((layers, batch, length, cfg.n_kv_heads, cfg.head_dim),
+                                          dtype) for name in ("k", "v")}
+  return empty(cfg.n_layers) if cfg.scan_layers else [empty(1) for _ in range(cfg.n_layers)]
+
+
+def unstack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+  """Scanned parameters ({"layers": leaves [L, ...]}) -> the unrolled model's
+  ({"layer_0": ..., ...}); unrolled parameters are returned as they are."""
+  if "layers" not in params:
+    return params
+  out = {name: value for name, value in params.items() if name != "layers"}
+  for i in range(n_layers):
+    out[f"layer_{i}"] = jax.tree.map(lambda p, i=i: p[i], params["layers"])
+  return out
