@@ -366,7 +366,7 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, data_state: 
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM into a flag the loop checks after each step (`stop_now`)."""
 
   def __init__(self):
     self.requested = False
@@ -381,6 +381,17 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def stop_now(self, sync_point: bool) -> bool:
+    """Whether the loop saves and stops after this step. Several processes must agree
+    (the save is collective): they compare flags at sync points, the logging steps,
+    which every process reaches at the same step; a lone process stops at once."""
+    if jax.process_count() == 1:
+      return self.requested
+    if not sync_point:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.bool_(self.requested))))
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -477,7 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       interval_steps += 1
       pending.append(metrics)
       last = step == num_steps
-      if step % config.train.log_every == 0 or last or preemption.requested:
+      stop = preemption.stop_now(sync_point=step % config.train.log_every == 0 or last)
+      if step % config.train.log_every == 0 or last or stop:
         _check_finite(state, config)
         elapsed = time.perf_counter() - interval_start
         means = {k: float(np.mean([jax.device_get(m[k]) for m in pending if k in m]))
@@ -499,10 +511,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           print(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()),
                 flush=True)
         interval_start = time.perf_counter()
-      if step % config.train.checkpoint_every == 0 or last or preemption.requested:
-        save_checkpoint(mngr, state, pipeline.iterator_state(train_iter),
-                        force=preemption.requested)
-      if preemption.requested:
+      if step % config.train.checkpoint_every == 0 or last or stop:
+        save_checkpoint(mngr, state, pipeline.iterator_state(train_iter), force=stop)
+      if stop:
         preempted = True
         if is_chief:
           print(f"SIGTERM: saved checkpoint at step {step}; exiting (rerun to resume).", flush=True)
