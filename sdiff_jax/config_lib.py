@@ -131,8 +131,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fn(config[field.split(".")[0]][field.split(".")[1]])
     except ValueError as e:
       raise ValueError(f"config.{field}: {e}") from None
-  positive = ("data.seq_len", "model.block_size", "model.attention_chunk", "model.d_model", "model.n_layers",
-              "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
+  positive = ("data.seq_len", "model.block_size", "model.attention_chunk", "model.d_model",
+              "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
               "train.num_steps", "train.batch_size", "train.grad_accum_steps",
               "train.log_every", "train.eval_every", "train.eval_batches",
               "train.checkpoint_every", "train.keep_checkpoints")

@@ -140,9 +140,9 @@ def test_chunked_attention_equals_xla_with_gradients():
   def loss(impl, q, keys, values):
     return jnp.sum(attention(q, keys, values, jnp.asarray(mask), impl, chunk=16) * cotangent)
 
-  for argnum in range(3):
-    full = jax.grad(lambda *a: loss(None, *a), argnums=argnum)(q, keys, values)
-    chunked = jax.grad(lambda *a: loss("chunked", *a), argnums=argnum)(q, keys, values)
+  grads = {impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2)))(
+      q, keys, values) for impl in (None, "chunked")}
+  for full, chunked in zip(grads[None], grads["chunked"]):  # d/dq, d/dk, d/dv
     np.testing.assert_allclose(chunked, full, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(attention(q, keys, values, jnp.asarray(mask), "chunked", 16),
                              attention(q, keys, values, jnp.asarray(mask), None), atol=1e-6)
@@ -158,13 +158,14 @@ def test_unrolled_layers_equal_the_scan(params):
   assert "layers" not in unrolled and "layer_1" in unrolled
   tokens, seg, pos = _inputs(jax.random.key(3))
   mask = training_mask("bidirectional", seg, BLOCK)
-  np.testing.assert_allclose(Transformer(unrolled_cfg).apply({"params": unrolled}, tokens, pos, mask)[0],
+  apply_unrolled = jax.jit(Transformer(unrolled_cfg).apply)
+  np.testing.assert_allclose(apply_unrolled({"params": unrolled}, tokens, pos, mask)[0],
                              APPLY({"params": params}, tokens, pos, mask)[0], atol=1e-5, rtol=1e-5)
   causal = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (2, L, L))
   outs = []
-  for cfg, p in ((CFG, params), (unrolled_cfg, unrolled)):
-    model, cache = Transformer(cfg), init_cache(cfg, 2, L)
-    _, cache = model.apply({"params": p}, tokens[:, :L - 1], pos[:, :L - 1], causal[:, :L - 1], cache, 0)
-    outs.append(model.apply({"params": p}, tokens[:, L - 1:], pos[:, L - 1:], causal[:, L - 1:], cache,
-                            L - 1)[0])
+  for cfg, p, apply in ((CFG, params, APPLY), (unrolled_cfg, unrolled, apply_unrolled)):
+    cache = init_cache(cfg, 2, L)
+    _, cache = apply({"params": p}, tokens[:, :L - 1], pos[:, :L - 1], causal[:, :L - 1], cache, 0)
+    outs.append(apply({"params": p}, tokens[:, L - 1:], pos[:, L - 1:], causal[:, L - 1:], cache,
+                      L - 1)[0])
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
