@@ -46,4 +46,4 @@ def test_micro_batch_must_split_over_the_devices():
   config = _config("1b", "gpu8")
   config.train.batch_size, config.train.grad_accum_steps = 32, 8  # 4 rows over 8 devices
   with pytest.raises(ValueError, match="multiple of 8"):
-    memory.step_memory(config, n_layers=1)
+    memory.step_memory(config)

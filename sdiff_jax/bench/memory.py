@@ -30,7 +30,7 @@ def _define_flags():
 GIB = 2**30
 
 
-def step_memory(config, n_layers: int) -> dict[str, float]:
+def step_memory(config) -> dict[str, float]:
   """Bytes per device of one compiled train step (with the edit term) of `config`."""
   import jax
   import jax.numpy as jnp
@@ -38,7 +38,6 @@ def step_memory(config, n_layers: int) -> dict[str, float]:
   from sdiff_jax import config_lib, sharding, train
 
   config = config.copy_and_resolve_references()
-  config.model.n_layers = n_layers
   if config.model.attention_impl == "cudnn":  # cuDNN does not compile for CPU devices:
     config.model.attention_impl = "chunked"  # the chunked attention stands in (both O(T) memory)
   mesh = sharding.make_mesh(config.mesh)
@@ -64,7 +63,7 @@ def step_memory(config, n_layers: int) -> dict[str, float]:
 def per_device_memory(config) -> dict[str, float]:
   """Per-device memory of the full-depth step (the layers are one scan: compile time
   does not grow with depth)."""
-  m = step_memory(config, config.model.n_layers)
+  m = step_memory(config)
   return {"params": m["params"], "layers": config.model.n_layers, "peak_gib": m["peak"] / GIB,
           "state_and_batch_gib": m["arguments"] / GIB, "temp_gib": m["temp"] / GIB,
           "compile_s": m["compile_s"]}
