@@ -7,6 +7,10 @@ Command to run (about 5 minutes on 2 CPU cores: BPE training, 200 steps, samplin
 The argument after ':' picks the attention mode, e.g. the AR baseline:
 
     python -m sdiff_jax.main --config=configs/quickstart.py:causal --workdir=/tmp/sdiff_ar
+
+Corpus: data.source="stdlib", this interpreter's standard library. Train on other code
+with --config.data.source=DIR (its *.py files), a glob ('src/**/*.py') or a JSONL(.gz)
+of {"text": ...} records.
 """
 
 from sdiff_jax.config_lib import default_config
@@ -14,8 +18,9 @@ from sdiff_jax.config_lib import default_config
 
 def get_config(attention: str = "bidirectional"):
   c = default_config()
-  c.model.attention = attention  # bidirectional | block_causal | causal
+  c.attention = attention  # bidirectional | block_causal | causal
 
+  c.data.source = "stdlib"
   c.data.tokenizer = "bpe"
   c.data.vocab_size = 2048
   c.data.seq_len = 256
@@ -27,7 +32,7 @@ def get_config(attention: str = "bidirectional"):
   c.model.head_dim = 64
   c.model.d_ff = 768
   c.model.tie_embeddings = False
-  c.model.block_size = 32
+  c.diffusion.block_size = 32
 
   c.train.num_steps = 200
   c.train.batch_size = 8

@@ -1,13 +1,22 @@
-"""Default configuration and up-front validation.
+"""Default configuration, loading saved configs, and up-front validation.
 
-Every file in `configs/` starts from `default_config()` and overrides fields.
-`validate()` runs before anything is compiled and names the offending field.
+Every file in `configs/` starts from `default_config()` (or `sized_config()` for
+the large sizes) and overrides fields. `config.model` holds exactly the fields of
+`ModelConfig` but the vocabulary size, which the tokenizer decides:
+`ModelConfig(**config.model, vocab_size=V)`. `validate()` runs before anything is
+compiled and names the offending field.
 """
 
+import importlib.util
+import json
+import os
+from typing import Any
+
 import ml_collections
+from absl import logging
 
 from sdiff_jax.models.attention_masks import ATTENTION_MODES
-from sdiff_jax.models.transformer import ModelConfig
+from sdiff_jax.models.transformer import ATTENTION_IMPLS, DTYPES, ModelConfig
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -16,9 +25,12 @@ def default_config() -> ml_collections.ConfigDict:
   """All fields with their defaults; a comment says what each one does."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init, data order and corruption noise
+  c.attention = "bidirectional"  # "bidirectional" | "block_causal" | "causal" (the AR baseline)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"  # "stdlib", a directory, a glob, or a .jsonl(.gz) with a `text` field
+  # What the model trains on: "stdlib" (this interpreter's standard library), a directory
+  # (its *.py files, recursively), a glob ("/src/**/*.py"), or a .jsonl(.gz) with a `text` field.
+  c.data.source = "stdlib"
   c.data.valid_fraction = 0.05  # files (by path hash) held out for validation
   c.data.tokenizer = "bpe"  # "bpe" (trained on the training split) or "byte"
   c.data.vocab_size = 4096  # BPE vocabulary size, special tokens included
@@ -27,9 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.backend = "grain"  # "grain" over files, or "tfds" (ArrayRecord built from the files)
   c.data.tfds_data_dir = ""  # "" = <workdir>/tfds
 
-  c.model = ml_collections.ConfigDict()
-  c.model.attention = "bidirectional"  # "bidirectional" | "block_causal" | "causal" (AR baseline)
-  c.model.block_size = 32  # block length for block_causal training and for sampling
+  c.model = ml_collections.ConfigDict()  # the fields of models.ModelConfig but vocab_size
   c.model.d_model = 256
   c.model.n_layers = 4
   c.model.n_heads = 4
@@ -37,13 +47,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.head_dim = 64
   c.model.d_ff = 1024  # SwiGLU hidden width
   c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6  # RMSNorm epsilon
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
   c.model.tie_embeddings = False
   c.model.remat = False  # rematerialise each layer in the backward pass
   c.model.attention_impl = ""  # "" (XLA), "cudnn" (fused, NVIDIA GPUs), "chunked" (O(T) memory)
   c.model.attention_chunk = 512  # queries per chunk when attention_impl="chunked"
+  c.model.scan_layers = True  # one nn.scan over the layers (decoding unrolls them itself)
 
   c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.block_size = 32  # block length of block_causal training; sampling's default
   c.diffusion.gamma_schedule = "linear"  # mask probability gamma_t: linear | cosine | polyK
   c.diffusion.alpha_schedule = "linear"  # edit rate alpha_t in [0, alpha_max]
   c.diffusion.alpha_max = 0.1  # the paper's bound on the edit rate
@@ -93,12 +106,66 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  m = config.model
-  return ModelConfig(
-      vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-      n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, d_ff=m.d_ff, rope_theta=m.rope_theta,
-      dtype=m.dtype, tie_embeddings=m.tie_embeddings, remat=m.remat,
-      attention_impl=m.attention_impl or None, attention_chunk=m.attention_chunk)
+  """The denoiser's shape and numerics: `config.model` and the tokenizer's vocabulary."""
+  return ModelConfig(**config.model.to_dict(), vocab_size=vocab_size)
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+  """A config file's `get_config(arg)`, spelled as on the command line: `path.py[:arg]`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      f"sdiff_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+# Fields that moved since config.json files were first written: old path -> new path.
+_MOVED = {("model", "attention"): ("attention",), ("model", "block_size"): ("diffusion", "block_size")}
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A saved `config.json` (any version) as today's config.
+
+  Fields the file lacks keep their defaults, moved fields are moved, fields that no
+  longer exist are dropped with a warning; lists become tuples where the default is one.
+  """
+  saved = json.loads(text)
+  for old, new in _MOVED.items():
+    section = saved.get(old[0], {})
+    if old[1] in section:
+      value = section.pop(old[1])
+      parent = saved
+      for part in new[:-1]:
+        parent = parent.setdefault(part, {})
+      parent.setdefault(new[-1], value)
+  config = default_config()
+  _merge(config, saved, "")
+  return config
+
+
+def _tuples(value: Any) -> Any:
+  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _as_default_type(default: Any, value: Any) -> Any:
+  if isinstance(default, tuple):
+    return _tuples(value)
+  if isinstance(default, float) and isinstance(value, int):
+    return float(value)
+  return value
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
+  for name, value in saved.items():
+    if name not in config:
+      logging.warning("config.json: field %s%s no longer exists; ignored", prefix, name)
+    elif isinstance(config[name], ml_collections.ConfigDict):
+      _merge(config[name], value, f"{prefix}{name}.")
+    else:
+      config[name] = _as_default_type(config[name], value)
 
 
 def _fail(field: str, value, why: str):
@@ -116,13 +183,14 @@ def _choice(config, field: str, choices):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field; compiles nothing."""
   from sdiff_jax import schedules  # local: keeps this module light for configs/
+  from sdiff_jax.data import pipeline, tokenizer as tokenizer_lib
 
-  _choice(config, "model.attention", ATTENTION_MODES)
-  _choice(config, "data.tokenizer", ("bpe", "byte"))
-  _choice(config, "data.packing", ("pack", "pad"))
-  _choice(config, "data.backend", ("grain", "tfds"))
-  _choice(config, "model.dtype", ("float32", "bfloat16"))
-  _choice(config, "model.attention_impl", ("", "xla", "cudnn", "chunked"))
+  _choice(config, "attention", ATTENTION_MODES)
+  _choice(config, "data.tokenizer", tokenizer_lib.KINDS)
+  _choice(config, "data.packing", pipeline.PACKINGS)
+  _choice(config, "data.backend", pipeline.BACKENDS)
+  _choice(config, "model.dtype", tuple(DTYPES))
+  _choice(config, "model.attention_impl", ATTENTION_IMPLS)
   _choice(config, "train.nonfinite", NONFINITE_POLICIES)
   for field, fn in (("diffusion.gamma_schedule", schedules.get_gamma_schedule),
                     ("diffusion.alpha_schedule",
@@ -131,7 +199,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fn(config[field.split(".")[0]][field.split(".")[1]])
     except ValueError as e:
       raise ValueError(f"config.{field}: {e}") from None
-  positive = ("data.seq_len", "model.block_size", "model.attention_chunk", "model.d_model",
+  positive = ("data.seq_len", "diffusion.block_size", "model.attention_chunk", "model.d_model",
               "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
               "train.num_steps", "train.batch_size", "train.grad_accum_steps",
               "train.log_every", "train.eval_every", "train.eval_batches",
@@ -148,10 +216,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config[section][name] < 0:
       _fail(field, config[section][name], "must not be negative")
   m, d = config.model, config.data
-  if d.tokenizer == "bpe" and d.vocab_size <= 260:
-    _fail("data.vocab_size", d.vocab_size, "a BPE vocabulary must exceed the 256 bytes + 4 specials")
-  if m.attention == "block_causal" and d.seq_len % m.block_size:
-    _fail("model.block_size", m.block_size, f"must divide data.seq_len={d.seq_len}")
+  if d.tokenizer == "bpe" and d.vocab_size < tokenizer_lib.MIN_BPE_VOCAB:
+    _fail("data.vocab_size", d.vocab_size,
+          f"a BPE vocabulary needs at least {tokenizer_lib.MIN_BPE_VOCAB} ids "
+          f"(256 bytes + {tokenizer_lib.NUM_SPECIAL} specials)")
+  if config.attention == "block_causal" and d.seq_len % config.diffusion.block_size:
+    _fail("diffusion.block_size", config.diffusion.block_size,
+          f"must divide data.seq_len={d.seq_len}")
   if m.n_heads % m.n_kv_heads:
     _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
   if m.head_dim % 2:

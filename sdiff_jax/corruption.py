@@ -17,6 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sdiff_jax.data.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
+
 SUB, DEL, INS = 0, 1, 2  # edit operation codes; op_probs is indexed by them
 
 _EDIT_STATIC = ("vocab_size", "alpha_max", "op_probs", "num_special", "pad_id")
@@ -29,7 +31,7 @@ def mask_corrupt(
     gamma_B: jax.Array,
     valid_BxL: jax.Array,
     *,
-    mask_id: int = 3,
+    mask_id: int = MASK_ID,
 ) -> tuple[jax.Array, jax.Array]:
   """Replaces each valid token by `mask_id` with probability gamma_B (one per row).
 
@@ -84,8 +86,8 @@ def edit_corrupt(
     vocab_size: int,
     alpha_max: float = 0.1,
     op_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
-    num_special: int = 4,
-    pad_id: int = 0,
+    num_special: int = NUM_SPECIAL,
+    pad_id: int = PAD_ID,
 ) -> EditResult:
   """Applies k = floor(length * alpha) random edits to tokens_L[:length] (one sequence).
 

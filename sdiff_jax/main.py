@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdiff_jax import train
+from sdiff_jax import checkpointing, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and logs.")
@@ -59,17 +59,18 @@ def main(argv):
     prompts = [p for p in _PROMPTS.value if p]
     if prompts and not result.preempted:
       show_samples(prompts)  # every process: restoring onto the mesh is collective
-  except (ValueError, FileNotFoundError, train.CheckpointError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, checkpointing.CheckpointError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 def show_samples(prompts: list[str]) -> None:
   """Completes `prompts` with the trained model and prints them with decoding statistics."""
-  from sdiff_jax import sample  # the sampler is only needed once training is done
+  from sdiff_jax import inference  # the sampler is only needed once training is done
 
-  texts, stats = sample.generate(_WORKDIR.value, prompts, steps_per_block=_STEPS_PER_BLOCK.value,
-                                 max_new_tokens=_MAX_NEW_TOKENS.value)
+  texts, stats = inference.complete(_WORKDIR.value, prompts,
+                                    steps_per_block=_STEPS_PER_BLOCK.value,
+                                    max_new_tokens=_MAX_NEW_TOKENS.value)
   if jax.process_index() != 0:
     return
   for prompt, text in zip(prompts, texts):

@@ -7,7 +7,7 @@ left over by the others. `dcn_*` sizes split the mesh across slices or nodes
 
 import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -62,6 +62,15 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
 
 
+def abstract_sharded(boxed_tree: Any, mesh: Mesh, axis_rules) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs carrying their shardings, the shardings) of a boxed abstract
+  pytree (`jax.eval_shape` of a Flax init): nothing is allocated."""
+  shardings = logical_shardings(boxed_tree, mesh, axis_rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed_tree), shardings)
+  return abstract, shardings
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows over data and fsdp; the sequence axis replicated."""
   return NamedSharding(mesh, P(("data", "fsdp")))
@@ -77,3 +86,20 @@ def activation_rules(mesh: Mesh, axis_rules):
   data + fsdp) resolve on `mesh`. Outside it they are no-ops."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     yield
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax arrays with rows over (data, fsdp)."""
+  sh = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def chief_first(build: Callable[[], Any], what: str) -> Any:
+  """`build()` on process 0, then on the others once it has finished: files it writes
+  to a shared workdir (tokenizer, TFDS ArrayRecords) are written once, then loaded."""
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils
+  result = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"sdiff_jax: process 0 prepared the {what}")
+  return result if jax.process_index() == 0 else build()

@@ -1,16 +1,12 @@
-"""Training: state init on the mesh, jitted train/eval steps, the resumable loop.
+"""Training: the optimizer, the sharded train state, jitted train/eval steps, the loop.
 
-Objectives by `config.model.attention`:
-* `bidirectional` / `block_causal`: masked-diffusion ELBO; from
-  `curriculum.edit_start_fraction` of the steps on, plus the edit term
-  -log p(x0 | x_edit) (the two-stage curriculum). The stage is a static
-  argument of the step, so each stage compiles once.
-* `causal`: next-token loss (the autoregressive baseline).
+The loss is `objective.Objective`'s. The curriculum stage (`with_edit`: the edit term
+from `curriculum.edit_start_fraction` of the steps on) is a static argument of the
+steps, so each stage compiles once. Checkpoints and the workdir are `checkpointing`'s.
 """
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
@@ -23,16 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sdiff_jax import config_lib, corruption, losses, schedules, sharding
+from sdiff_jax import checkpointing, config_lib, sharding
 from sdiff_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from sdiff_jax.metric_writer import MetricWriter, format_duration
-from sdiff_jax.models import Transformer, training_mask
-
-Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: int32[B, L]
+from sdiff_jax.objective import Batch, Objective
 
 
 @flax.struct.dataclass
@@ -43,77 +36,7 @@ class TrainState:
   first_nonfinite_step: jax.Array  # int32[]; -1 while every loss has been finite
 
 
-# ----------------------------------------------------------------------------- model + loss
-
-
-class Objective:
-  """The loss of one config, as a pure function of (params, batch, key)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
-    self.config = config
-    self.model_cfg = config_lib.model_config(config, vocab_size)
-    self.model = Transformer(self.model_cfg)
-    self.mode = config.model.attention
-    self.gamma = schedules.get_gamma_schedule(config.diffusion.gamma_schedule)
-    self.alpha = schedules.get_alpha_schedule(config.diffusion.alpha_schedule,
-                                              config.diffusion.alpha_max)
-
-  def logits(self, params, inputs_BxL: jax.Array, batch: Batch) -> jax.Array:
-    """Denoiser logits for `inputs` at the positions of the clean `batch`."""
-    seg_BxL, pos_BxL = batch["segment_ids"], batch["positions"]
-    if self.mode == "block_causal":
-      length = inputs_BxL.shape[1]
-      tokens_Bx2L = jnp.concatenate([inputs_BxL, batch["tokens"]], axis=1)
-      pos_Bx2L = jnp.concatenate([pos_BxL, pos_BxL], axis=1)
-      mask = training_mask(self.mode, seg_BxL, self.config.model.block_size)
-      logits, _ = self.model.apply({"params": params}, tokens_Bx2L, pos_Bx2L, mask)
-      return logits[:, :length]
-    mask = training_mask(self.mode, seg_BxL, self.config.model.block_size)
-    logits, _ = self.model.apply({"params": params}, inputs_BxL, pos_BxL, mask)
-    return logits
-
-  def __call__(self, params, batch: Batch, key: jax.Array, with_edit: bool
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    tokens_BxL, seg_BxL = batch["tokens"], batch["segment_ids"]
-    valid_BxL = seg_BxL > 0
-    metrics = {"valid_tokens": valid_BxL.sum().astype(jnp.float32)}
-    if self.mode == "causal":
-      targets_BxL, target_valid_BxL = losses.next_token_targets(tokens_BxL, seg_BxL)
-      nll_BxL = losses.token_nll(self.logits(params, tokens_BxL, batch), targets_BxL,
-                                 tokenizer_lib.MASK_ID)
-      loss = losses.mean_bits(nll_BxL, target_valid_BxL)
-      return loss, {**metrics, "loss": loss, "ar_bits": loss}
-
-    time_key, mask_key, edit_time_key, edit_key = jax.random.split(key, 4)
-    d = self.config.diffusion
-    t_B = schedules.sample_times(time_key, tokens_BxL.shape[0], eps=d.time_eps,
-                                 antithetic=d.antithetic)
-    noisy_BxL, is_masked_BxL = corruption.mask_corrupt(
-        mask_key, tokens_BxL, self.gamma.gamma(t_B), valid_BxL, mask_id=tokenizer_lib.MASK_ID)
-    nll_BxL = losses.token_nll(self.logits(params, noisy_BxL, batch), tokens_BxL,
-                               tokenizer_lib.MASK_ID)
-    mask_bits = losses.masked_diffusion_bits(
-        nll_BxL, is_masked_BxL, schedules.elbo_weight(self.gamma, t_B), valid_BxL)
-    metrics.update(mask_bits=mask_bits, mask_rate=is_masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1))
-    loss = mask_bits
-    if with_edit:
-      # A packed row is edited as one sequence of its real tokens; the model
-      # sees the edited row at the clean row's positions and segments and must
-      # restore x0 at every position (no carry-over).
-      s_B = schedules.sample_times(edit_time_key, tokens_BxL.shape[0], eps=d.time_eps,
-                                   antithetic=d.antithetic)
-      edited = corruption.edit_corrupt_batch(
-          edit_key, tokens_BxL, valid_BxL.sum(axis=1), self.alpha.alpha(s_B),
-          vocab_size=self.model_cfg.vocab_size, alpha_max=d.alpha_max,
-          op_probs=tuple(d.edit_op_probs), num_special=tokenizer_lib.NUM_SPECIAL,
-          pad_id=tokenizer_lib.PAD_ID)
-      edit_nll_BxL = losses.token_nll(self.logits(params, edited.tokens, batch), tokens_BxL,
-                                      tokenizer_lib.MASK_ID)
-      edit_bits = losses.mean_bits(edit_nll_BxL, valid_BxL)
-      loss = loss + self.config.curriculum.edit_weight * edit_bits
-      metrics["edit_bits"] = edit_bits
-    metrics["loss"] = loss
-    return loss, metrics
+# ----------------------------------------------------------------------------- optimizer + state
 
 
 def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -133,44 +56,53 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                   mask=decay_mask))
 
 
-# ----------------------------------------------------------------------------- state + steps
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """A config's objective, optimizer and train state layout on a mesh.
+
+  `abstract_state` holds ShapeDtypeStructs carrying their shardings (nothing is
+  allocated): the target of a restore, or of `lower` for a compile-only run.
+  """
+
+  objective: Objective
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState
+  shardings: TrainState  # NamedSharding leaves
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, vocab_size: int, mesh) -> "TrainSetup":
+    objective, tx = Objective(config, vocab_size), make_optimizer(config)
+    boxed = jax.eval_shape(_init_fn(objective, tx, config.data.seq_len), jax.random.key(0))
+    abstract, shardings = sharding.abstract_sharded(boxed, mesh, sharding.rules(config.mesh))
+    return cls(objective, tx, mesh, abstract, shardings)
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.objective.config
+
+  def init_state(self, key: jax.Array) -> TrainState:
+    """A fresh state, initialised directly into its shardings."""
+    init = _init_fn(self.objective, self.tx, self.config.data.seq_len)
+    return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=self.shardings)(key)
 
 
-def _state_init_fn(objective: Objective, tx: optax.GradientTransformation, seq_len: int):
-  length = 2 * seq_len if objective.mode == "block_causal" else seq_len
-
+def _init_fn(objective: Objective, tx: optax.GradientTransformation, seq_len: int):
   def init(key):
-    tokens = jnp.zeros((1, length), jnp.int32)
-    mask = jnp.ones((1, length, length), bool)
-    params = objective.model.init(key, tokens, tokens, mask)["params"]
+    params = objective.init_params(key, seq_len)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
   return init
 
 
-def abstract_train_state(objective: Objective, tx: optax.GradientTransformation, mesh,
-                         axis_rules, seq_len: int) -> tuple[TrainState, Any]:
-  """(ShapeDtypeStructs carrying their shardings, shardings) of the state; nothing allocated."""
-  boxed = jax.eval_shape(_state_init_fn(objective, tx, seq_len), jax.random.key(0))
-  shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
-  return abstract, shardings
+# ----------------------------------------------------------------------------- steps
 
 
-def init_train_state(objective: Objective, tx: optax.GradientTransformation, mesh,
-                     axis_rules, key: jax.Array, seq_len: int) -> tuple[TrainState, Any]:
-  """Initialises the state directly sharded: eval_shape -> shardings -> jit(init)."""
-  _, shardings = abstract_train_state(objective, tx, mesh, axis_rules, seq_len)
-  init = _state_init_fn(objective, tx, seq_len)
-  state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
-  return state, shardings
-
-
-def make_train_step(objective: Objective, tx: optax.GradientTransformation, state_shardings,
-                    mesh, grad_accum_steps: int) -> Callable[..., tuple[TrainState, dict]]:
+def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]:
   """jit(train_step) with shardings and donation; `with_edit` is static."""
+  objective, tx, mesh = setup.objective, setup.tx, setup.mesh
+  grad_accum_steps = setup.config.train.grad_accum_steps
 
   def grads_of(params, batch, key, with_edit):
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -224,10 +156,10 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, stat
                            first_nonfinite_step=first_bad)
     return new_state, {**metrics, "grad_norm": grad_norm}
 
-  return _PerStage(train_step, mesh, sharding.rules(objective.config.mesh),
-                   in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                             sharding.replicated(mesh)),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return _PerStage(train_step, mesh, sharding.rules(setup.config.mesh),
+                   in_shardings=(setup.shardings, sharding.batch_sharding(mesh),
+                                 sharding.replicated(mesh)),
+                   out_shardings=(setup.shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 class _PerStage:
@@ -252,114 +184,17 @@ class _PerStage:
       return self._jitted[with_edit].lower(*args)
 
 
-def make_eval_step(objective: Objective, mesh, params_shardings):
+def make_eval_step(setup: TrainSetup):
   """Validation metrics with the training objective (edit term included when asked)."""
 
   def eval_step(params, batch, key, with_edit):
-    return objective(params, batch, key, with_edit)[1]
+    return setup.objective(params, batch, key, with_edit)[1]
 
-  return _PerStage(eval_step, mesh, sharding.rules(objective.config.mesh),
-                   in_shardings=(params_shardings, sharding.batch_sharding(mesh),
-                                            sharding.replicated(mesh)),
+  mesh = setup.mesh
+  return _PerStage(eval_step, mesh, sharding.rules(setup.config.mesh),
+                   in_shardings=(setup.shardings.params, sharding.batch_sharding(mesh),
+                                 sharding.replicated(mesh)),
                    out_shardings=sharding.replicated(mesh))
-
-
-def global_batch(batch: dict[str, np.ndarray], mesh) -> Batch:
-  """Per-process numpy batch -> global jax arrays sharded over (data, fsdp)."""
-  sh = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- workdir + checkpoints
-
-
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
-  """Loads the workdir's tokenizer, or trains/saves one on the training split."""
-  d = config.data
-  return tokenizer_lib.get_or_build_tokenizer(
-      os.path.join(workdir, "tokenizer"), d.tokenizer, d.vocab_size,
-      lambda: sources.load_corpus(d.source, "train", d.valid_fraction))
-
-
-def chief_first(build: Callable[[], Any], what: str) -> Any:
-  """`build()` on process 0, then on the others once it has finished: files it writes
-  to the shared workdir (tokenizer, TFDS ArrayRecords) are written once, then loaded."""
-  if jax.process_count() == 1:
-    return build()
-  from jax.experimental import multihost_utils
-  result = build() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(f"sdiff_jax: process 0 prepared the {what}")
-  return result if jax.process_index() == 0 else build()
-
-
-def data_config_for(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  d = ml_collections.ConfigDict(config.data.to_dict())
-  if not d.tfds_data_dir:
-    d.tfds_data_dir = os.path.join(workdir, "tfds")
-  return d
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint in the workdir could not be restored."""
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
-
-
-def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState):
-  """Restores (state, data iterator state) of `step`; CheckpointError says what went wrong."""
-  try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises many types for truncated / missing files
-    others = [s for s in mngr.all_steps() if s != step]
-    hint = (f"; earlier checkpoints {others} are untouched: move {mngr.directory / str(step)} "
-            "aside to resume from the newest of them") if others else ""
-    raise CheckpointError(
-        f"checkpoint step {step} in {mngr.directory} could not be restored: "
-        f"{type(e).__name__}: {str(e)[:300]}{hint}") from e
-  return restored["state"], _this_process_data_state(restored["data"])
-
-
-def _this_process_data_state(saved: dict) -> dict | None:
-  """This process's iterator state from the per-process list a checkpoint holds;
-  None (start the data afresh) when the checkpoint was written by another number
-  of processes, whose shards of the data do not map onto this run's."""
-  count, index = jax.process_count(), jax.process_index()
-  if "per_process" not in saved:  # written before per-process states: one process's
-    return saved
-  if saved["process_count"] != count:
-    logging.warning("checkpoint's data iterator states come from %d processes, this run has %d: "
-                    "the data stream restarts (the model state is restored)",
-                    saved["process_count"], count)
-    return None
-  return saved["per_process"][index]
-
-
-def _gather_data_states(data_state: dict) -> list[dict]:
-  """Every process's iterator state, in process order (a collective on all processes):
-  each process reads its own shard of the data, so each has its own position."""
-  if jax.process_count() == 1:
-    return [data_state]
-  from jax.experimental import multihost_utils
-  raw_N = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
-  lengths_P = np.asarray(multihost_utils.process_allgather(np.int32(raw_N.size)))
-  padded_N = np.zeros(int(lengths_P.max()), np.uint8)
-  padded_N[:raw_N.size] = raw_N
-  every_PxN = np.asarray(multihost_utils.process_allgather(padded_N))
-  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every_PxN, lengths_P)]
-
-
-def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict,
-                    force: bool = False) -> None:
-  """Saves the state and every process's `data_state` (call on all processes)."""
-  data = {"process_count": jax.process_count(), "per_process": _gather_data_states(data_state)}
-  mngr.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -412,8 +247,8 @@ def evaluate(eval_step, params, eval_ds, config, mesh, with_edit: bool) -> dict[
   weight = 0.0
   key = jax.random.key(config.seed + 1)
   for i, batch in zip(range(config.train.eval_batches), iter(eval_ds)):
-    m = jax.device_get(eval_step(params, global_batch(batch, mesh), jax.random.fold_in(key, i),
-                                 with_edit=with_edit))
+    m = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh),
+                                 jax.random.fold_in(key, i), with_edit=with_edit))
     w = float(m.pop("valid_tokens"))
     weight += w
     for k, v in m.items():
@@ -421,113 +256,147 @@ def evaluate(eval_step, params, eval_ds, config, mesh, with_edit: bool) -> dict[
   return {f"eval_{k}": v / max(weight, 1.0) for k, v in totals.items()}
 
 
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: checkpointing.Workdir
+                    ) -> tokenizer_lib.Tokenizer:
+  """The workdir's tokenizer, trained on the training split and saved there on first use."""
+  d = config.data
+  return tokenizer_lib.get_or_build_tokenizer(
+      workdir.tokenizer, d.tokenizer, d.vocab_size,
+      lambda: sources.load_corpus(d.source, "train", d.valid_fraction))
+
+
+def make_datasets(config: ml_collections.ConfigDict, workdir: checkpointing.Workdir,
+                  tok: tokenizer_lib.Tokenizer):
+  """(training, validation) datasets of this process's rows; ArrayRecords (tfds) default
+  to the workdir."""
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.tfds_data_dir = data_config.tfds_data_dir or workdir.tfds
+  rows = config.train.batch_size // jax.process_count()
+  train_ds = sharding.chief_first(lambda: pipeline.make_dataset_from_config(
+      data_config, tok, "train", batch_size=rows, seed=config.seed), "data")
+  eval_ds = pipeline.make_dataset_from_config(data_config, tok, "validation", batch_size=rows,
+                                              seed=config.seed)
+  return train_ds, eval_ds
+
+
+class _Logger:
+  """Averages the train metrics between logging steps; console (chief) and TensorBoard."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: checkpointing.Workdir):
+    self.config, self.is_chief = config, jax.process_index() == 0
+    self.writer = MetricWriter(workdir.tensorboard, enabled=self.is_chief)
+    self.tokens_per_step = config.train.batch_size * config.data.seq_len
+    self.lr = lr_schedule(config)
+    self.pending: list[dict] = []  # train metrics of the steps since the last log
+    self.start = time.perf_counter()
+
+  def restart_clock(self) -> None:
+    """Starts timing the next interval (after work that is not training, e.g. evaluation)."""
+    self.start = time.perf_counter()
+
+  def print(self, text: str) -> None:
+    if self.is_chief:
+      print(text, flush=True)
+
+  def train(self, step: int, stage: str) -> None:
+    """Logs the mean of the `pending` metrics and the throughput since the last call."""
+    num_steps, steps = self.config.train.num_steps, len(self.pending)
+    elapsed = time.perf_counter() - self.start
+    means = {k: float(np.mean([jax.device_get(m[k]) for m in self.pending if k in m]))
+             for k in self.pending[-1] if k != "valid_tokens"}
+    rate = steps * self.tokens_per_step / max(elapsed, 1e-9)
+    eta = (num_steps - step) * elapsed / max(steps, 1)
+    self.writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
+                               "train/tokens_per_s": rate, "train/stage": float(stage == "mask+edit"),
+                               "train/learning_rate": float(self.lr(step))})
+    self.print(f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok | "
+               f"{rate:,.0f} tok/s | ETA {format_duration(eta)}")
+    self.pending = []
+    self.restart_clock()
+
+  def eval(self, step: int, metrics: dict[str, float]) -> None:
+    self.writer.scalars(step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
+    self.print(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint."""
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  is_chief = jax.process_index() == 0
-  tok = chief_first(lambda: prepare_tokenizer(config, workdir), "tokenizer")
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
+  paths = checkpointing.Workdir(workdir)
+  tok = sharding.chief_first(lambda: build_tokenizer(config, paths), "tokenizer")
+  if jax.process_index() == 0:
+    paths.write_config(config)
   mesh = sharding.make_mesh(config.mesh)
-  axis_rules = sharding.rules(config.mesh)
-  objective = Objective(config, tok.vocab_size)
-  tx = make_optimizer(config)
-  abstract_state, state_sh = abstract_train_state(objective, tx, mesh, axis_rules,
-                                                  config.data.seq_len)
-  train_step = make_train_step(objective, tx, state_sh, mesh, config.train.grad_accum_steps)
-  eval_step = make_eval_step(objective, mesh, state_sh.params)
-
-  data_config = data_config_for(config, workdir)
-  per_process_batch = config.train.batch_size // jax.process_count()
-  train_ds = chief_first(lambda: pipeline.make_dataset_from_config(
-      data_config, tok, "train", batch_size=per_process_batch, seed=config.seed), "data")
+  setup = TrainSetup.create(config, tok.vocab_size, mesh)
+  train_step, eval_step = make_train_step(setup), make_eval_step(setup)
+  train_ds, eval_ds = make_datasets(config, paths, tok)
   train_iter = iter(train_ds)
-  eval_ds = pipeline.make_dataset_from_config(
-      data_config, tok, "validation", batch_size=per_process_batch, seed=config.seed)
+  mngr = checkpointing.manager(paths, config.train.keep_checkpoints)
+  state = _initial_state(setup, mngr, train_iter)
 
-  mngr = checkpoint_manager(workdir, config)
-  latest = mngr.latest_step()
-  if latest is None:
-    state, _ = init_train_state(objective, tx, mesh, axis_rules, jax.random.key(config.seed),
-                                config.data.seq_len)
-  else:  # restored straight into sharded buffers: no initialised copy alongside
-    state, data_state = restore_checkpoint(mngr, latest, abstract_state)
-    if data_state is not None:
-      pipeline.restore_iterator_state(train_iter, data_state)
-    logging.info("resumed from checkpoint step %d in %s", latest, mngr.directory)
-    print(f"Resumed from step {latest} ({mngr.directory})", flush=True)
-
-  writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
-  n_params = config_lib.model_config(config, tok.vocab_size).num_params()
+  log = _Logger(config, paths)
+  num_steps, step = config.train.num_steps, int(state.step)
   edit_start = config_lib.edit_start_step(config)
-  is_diffusion = config.model.attention != "causal"
-  num_steps = config.train.num_steps
-  tokens_per_step = config.train.batch_size * config.data.seq_len
-  step = int(state.step)
-  if is_chief:
-    stages = f", edit stage from step {edit_start}" if is_diffusion else ""
-    print(f"Training {config.model.attention} model: {n_params / 1e6:.2f}M parameters, "
-          f"vocab {tok.vocab_size}, mesh {dict(mesh.shape)}, steps {step}->{num_steps}{stages}",
-          flush=True)
-
-  base_key = jax.random.key(config.seed + 2)
+  is_diffusion = config.attention != "causal"
+  stages = f", edit stage from step {edit_start}" if is_diffusion else ""
+  log.print(f"Training {config.attention} model: "
+            f"{setup.objective.model_cfg.num_params() / 1e6:.2f}M parameters, "
+            f"vocab {tok.vocab_size}, mesh {dict(mesh.shape)}, steps {step}->{num_steps}{stages}")
+  key = jax.random.key(config.seed + 2)
+  first_step, run_start = step, time.perf_counter()
   last_eval: dict[str, float] = {}
-  pending: list[dict] = []
-  interval_start, interval_steps = time.perf_counter(), 0
-  run_start_step, run_start = step, time.perf_counter()
   preempted = False
   with _Preemption() as preemption:
     while step < num_steps:
       with_edit = is_diffusion and step >= edit_start
-      batch = global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch, base_key, with_edit=with_edit)
+      state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh), key,
+                                  with_edit=with_edit)
       step += 1
-      interval_steps += 1
-      pending.append(metrics)
+      log.pending.append(metrics)
       last = step == num_steps
-      stop = preemption.stop_now(sync_point=step % config.train.log_every == 0 or last)
-      if step % config.train.log_every == 0 or last or stop:
+      log_now = step % config.train.log_every == 0 or last
+      stop = preemption.stop_now(sync_point=log_now)
+      if log_now or stop:
         _check_finite(state, config)
-        elapsed = time.perf_counter() - interval_start
-        means = {k: float(np.mean([jax.device_get(m[k]) for m in pending if k in m]))
-                 for k in pending[-1] if k != "valid_tokens"}
-        rate = interval_steps * tokens_per_step / max(elapsed, 1e-9)
-        eta = (num_steps - step) * elapsed / max(interval_steps, 1)
-        stage = "mask+edit" if with_edit else ("mask" if is_diffusion else "ar")
-        writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
-                              "train/tokens_per_s": rate, "train/stage": float(with_edit),
-                              "train/learning_rate": float(lr_schedule(config)(step))})
-        if is_chief:
-          print(f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok | "
-                f"{rate:,.0f} tok/s | ETA {format_duration(eta)}", flush=True)
-        pending, interval_start, interval_steps = [], time.perf_counter(), 0
+        log.train(step, "mask+edit" if with_edit else ("mask" if is_diffusion else "ar"))
       if step % config.train.eval_every == 0 or last:
         last_eval = evaluate(eval_step, state.params, eval_ds, config, mesh, with_edit)
-        writer.scalars(step, {f"eval/{k[5:]}": v for k, v in last_eval.items()})
-        if is_chief:
-          print(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()),
-                flush=True)
-        interval_start = time.perf_counter()
+        log.eval(step, last_eval)
+        log.restart_clock()
       if step % config.train.checkpoint_every == 0 or last or stop:
-        save_checkpoint(mngr, state, pipeline.iterator_state(train_iter), force=stop)
+        checkpointing.save(mngr, state, pipeline.iterator_state(train_iter), force=stop)
       if stop:
         preempted = True
-        if is_chief:
-          print(f"SIGTERM: saved checkpoint at step {step}; exiting (rerun to resume).", flush=True)
+        log.print(f"SIGTERM: saved checkpoint at step {step}; exiting (rerun to resume).")
         break
   mngr.wait_until_finished()
   mngr.close()
-  writer.flush()
-  writer.close()
-  if is_chief and step > run_start_step:
+  log.close()
+  if step > first_step:
     wall = time.perf_counter() - run_start
-    print(f"Done: {step - run_start_step} steps in {format_duration(wall)} "
-          f"({(step - run_start_step) * tokens_per_step / wall:,.0f} tok/s incl. compile and eval)",
-          flush=True)
-  return TrainResult(state=state, metrics=last_eval, preempted=preempted, workdir=workdir)
+    log.print(f"Done: {step - first_step} steps in {format_duration(wall)} "
+              f"({(step - first_step) * log.tokens_per_step / wall:,.0f} tok/s incl. compile "
+              "and eval)")
+  return TrainResult(state=state, metrics=last_eval, preempted=preempted, workdir=paths.path)
+
+
+def _initial_state(setup: TrainSetup, mngr, train_iter) -> TrainState:
+  """The latest checkpoint's state (and data position), restored straight into sharded
+  buffers; else a fresh state."""
+  latest = mngr.latest_step()
+  if latest is None:
+    return setup.init_state(jax.random.key(setup.config.seed))
+  state, data_state = checkpointing.restore(mngr, latest, setup.abstract_state)
+  if data_state is not None:
+    pipeline.restore_iterator_state(train_iter, data_state)
+  logging.info("resumed from checkpoint step %d in %s", latest, mngr.directory)
+  if jax.process_index() == 0:
+    print(f"Resumed from step {latest} ({mngr.directory})", flush=True)
+  return state
 
 
 def _check_finite(state: TrainState, config: ml_collections.ConfigDict) -> None:

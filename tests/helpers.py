@@ -2,6 +2,8 @@
 
 import pathlib
 
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
 _TEMPLATE = '''"""Module {i}: small helpers."""
 
 
@@ -30,29 +32,10 @@ def write_code_corpus(directory: pathlib.Path, num_files: int = 40) -> pathlib.P
 
 
 def tiny_config(source: str, attention: str = "bidirectional", **train_overrides):
-  """A model and run small enough for a test on 2 CPU cores."""
-  from sdiff_jax.config_lib import default_config
+  """configs/tiny.py on `source`: a model and run small enough for a test on 2 CPU cores."""
+  from sdiff_jax import config_lib
 
-  c = default_config()
-  c.data.source = str(source)
-  c.data.tokenizer = "byte"
-  c.data.seq_len = 64
-  c.data.valid_fraction = 0.2
-  c.model.attention = attention
-  c.model.block_size = 16
-  c.model.d_model = 32
-  c.model.n_layers = 2
-  c.model.n_heads = 2
-  c.model.n_kv_heads = 1
-  c.model.head_dim = 16
-  c.model.d_ff = 64
-  c.train.batch_size = 8
-  c.train.num_steps = 20
-  c.train.warmup_steps = 2
-  c.train.log_every = 5
-  c.train.eval_every = 10
-  c.train.eval_batches = 2
-  c.train.checkpoint_every = 10
-  for k, v in train_overrides.items():
-    c.train[k] = v
+  c = config_lib.from_file(f"{CONFIGS}/tiny.py:{source}")
+  c.attention = attention
+  c.train.update(train_overrides)
   return c

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import tiny_config
-from sdiff_jax import sharding, train
+from sdiff_jax import checkpointing, sharding, train
 
 VOCAB = 64
 
@@ -37,14 +37,12 @@ def _run(mesh_shape, attention, steps=1):
   config = _config(mesh_shape, attention)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  objective = train.Objective(config, VOCAB)
-  tx = train.make_optimizer(config)
-  state, state_sh = train.init_train_state(objective, tx, mesh, sharding.rules(config.mesh),
-                                           jax.random.key(0), config.data.seq_len)
-  step = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=1)
+  setup = train.TrainSetup.create(config, VOCAB, mesh)
+  state = setup.init_state(jax.random.key(0))
+  step = train.make_train_step(setup)
   losses = []
   for i in range(steps):
-    state, metrics = step(state, train.global_batch(_batch(seed=i), mesh), jax.random.key(1),
+    state, metrics = step(state, sharding.global_batch(_batch(seed=i), mesh), jax.random.key(1),
                           with_edit=i == steps - 1)
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params), state, mesh
@@ -89,17 +87,13 @@ def test_mesh_sizes():
 def test_checkpoint_saved_on_8_devices_restores_on_fewer(tmp_path, restore_devices):
   _, params8, state8, _ = _run((2, 4, 1), "bidirectional")
   mngr = ocp.CheckpointManager(tmp_path / "ckpt")
-  train.save_checkpoint(mngr, state8, {"pos": 3})
+  checkpointing.save(mngr, state8, {"pos": 3})
   mngr.wait_until_finished()
 
   config = _config((1, restore_devices, 1))
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:restore_devices])
-  objective = train.Objective(config, VOCAB)
-  tx = train.make_optimizer(config)
-  fresh, sh = train.init_train_state(objective, tx, mesh, sharding.rules(config.mesh),
-                                     jax.random.key(9), config.data.seq_len)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), fresh, sh)
-  state, data = train.restore_checkpoint(mngr, 1, abstract)
+  setup = train.TrainSetup.create(config, VOCAB, mesh)
+  state, data = checkpointing.restore(mngr, 1, setup.abstract_state)
   assert data == {"pos": 3}
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params8)):
     np.testing.assert_array_equal(np.asarray(a), b)

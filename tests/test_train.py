@@ -1,5 +1,6 @@
 """Losses, the training step, the curriculum, and the resumable loop."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -13,16 +14,16 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from sdiff_jax import config_lib, corruption, losses, sharding, train
+from sdiff_jax import checkpointing, config_lib, corruption, losses, sharding, train
 from sdiff_jax.data import pipeline, tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.attention", "sideways", "model.attention"),
+    ("attention", "sideways", "config.attention"),
     ("diffusion.gamma_schedule", "bogus", "diffusion.gamma_schedule"),
-    ("model.block_size", 24, "must divide data.seq_len"),
+    ("diffusion.block_size", 24, "must divide data.seq_len"),
     ("train.learning_rate", -1.0, "train.learning_rate"),
     ("curriculum.edit_start_fraction", 1.5, "curriculum.edit_start_fraction"),
     ("data.packing", "zip", "data.packing"),
@@ -30,30 +31,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ])
 def test_bad_config_values_are_named(field, value, message, code_corpus_dir):
   config = tiny_config(code_corpus_dir, attention="block_causal")
-  section, name = field.split(".")
-  config[section][name] = value
+  *sections, name = field.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  node[name] = value
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("name", ["quickstart", "tiny", "1b"])
+def test_config_model_holds_exactly_the_model_config_fields(name):
+  from sdiff_jax.models import ModelConfig
+  config = config_lib.from_file(os.path.join(REPO, "configs", f"{name}.py"))
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+  assert set(config.model) == fields
+  assert config_lib.model_config(config, 300).d_model == config.model.d_model
+
+
 def _setup(config):
+  """(TrainSetup on one device, a fresh state, the first training batch)."""
   tok = tokenizer_lib.ByteTokenizer()
-  objective = train.Objective(config, tok.vocab_size)
-  tx = train.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  state, state_sh = train.init_train_state(objective, tx, mesh, sharding.rules(config.mesh),
-                                           jax.random.key(config.seed), config.data.seq_len)
+  setup = train.TrainSetup.create(config, tok.vocab_size, mesh)
   ds = pipeline.make_dataset_from_config(config.data, tok, "train",
                                          batch_size=config.train.batch_size, seed=config.seed)
-  batch = train.global_batch(next(iter(ds)), mesh)
-  return objective, tx, mesh, state, state_sh, batch
+  batch = sharding.global_batch(next(iter(ds)), mesh)
+  return setup, setup.init_state(jax.random.key(config.seed)), batch
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "block_causal", "causal"])
 def test_loss_at_init_is_about_log2_vocab(attention, code_corpus_dir):
   config = tiny_config(code_corpus_dir, attention=attention)
   config.train.batch_size = 32
-  objective, _, _, state, _, batch = _setup(config)
+  setup, state, batch = _setup(config)
+  objective = setup.objective
   loss_fn = jax.jit(objective, static_argnums=3)
   losses = [float(loss_fn(state.params, batch, jax.random.key(i), False)[0]) for i in range(4)]
   # E_t[w(t) gamma(t)] = 1, so the masked ELBO of a uniform predictor is log2 V per token;
@@ -89,9 +101,9 @@ def test_overfits_one_batch(attention, steps, limit, code_corpus_dir):
                        num_steps=steps)
   config.model.d_model, config.model.head_dim, config.model.d_ff = 64, 32, 128
   config.train.batch_size = 1
-  objective, tx, mesh, state, state_sh, batch = _setup(config)
-  step = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=1)
-  measure = jax.jit(functools.partial(_reconstruction_bits, objective))
+  setup, state, batch = _setup(config)
+  step = train.make_train_step(setup)
+  measure = jax.jit(functools.partial(_reconstruction_bits, setup.objective))
   before = float(measure(state.params, batch))
   for _ in range(steps):
     state, _ = step(state, batch, jax.random.key(0), with_edit=False)
@@ -101,9 +113,11 @@ def test_overfits_one_batch(attention, steps, limit, code_corpus_dir):
 
 def test_grad_accumulation_matches_one_big_batch(code_corpus_dir):
   config = tiny_config(code_corpus_dir, attention="causal")
-  objective, tx, mesh, state, state_sh, batch = _setup(config)
-  one = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=1)
-  acc = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=2)
+  setup, state, batch = _setup(config)
+  one = train.make_train_step(setup)
+  config.train.grad_accum_steps = 2
+  acc = train.make_train_step(train.TrainSetup.create(config, setup.objective.model_cfg.vocab_size,
+                                                      setup.mesh))
   copy = lambda s: jax.tree.map(jnp.array, s)
   s1, m1 = one(copy(state), batch, jax.random.key(0), with_edit=False)
   s2, m2 = acc(copy(state), batch, jax.random.key(0), with_edit=False)
@@ -121,8 +135,8 @@ def test_golden_first_step(tmp_path):
   """
   from helpers import write_code_corpus
   config = tiny_config(write_code_corpus(tmp_path / "c", 12), attention="bidirectional")
-  objective, tx, mesh, state, state_sh, batch = _setup(config)
-  step = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=1)
+  setup, state, batch = _setup(config)
+  step = train.make_train_step(setup)
   state, metrics = step(state, batch, jax.random.key(0), with_edit=True)
   got = {k: float(metrics[k]) for k in ("loss", "mask_bits", "edit_bits", "grad_norm")}
   golden = GOLDEN
@@ -146,7 +160,7 @@ def _config_args(source, num_steps, **extra):
   args = {
       "data.source": source, "data.tokenizer": "byte", "data.seq_len": 64,
       "data.valid_fraction": 0.2, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
-      "model.n_kv_heads": 1, "model.head_dim": 16, "model.d_ff": 64, "model.block_size": 16,
+      "model.n_kv_heads": 1, "model.head_dim": 16, "model.d_ff": 64, "diffusion.block_size": 16,
       "train.batch_size": 8, "train.num_steps": num_steps, "train.warmup_steps": 2,
       "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 1,
       "train.checkpoint_every": 1000, **extra}
@@ -242,6 +256,6 @@ def test_nonfinite_loss(policy, tmp_path, code_corpus_dir):
 
 def test_data_state_is_per_process():
   saved = {"process_count": 1, "per_process": [{"pos": 5}]}
-  assert train._this_process_data_state(saved) == {"pos": 5}
+  assert checkpointing._this_process_data_state(saved) == {"pos": 5}
   # Written by 2 processes, restored by 1: their data shards differ, the stream restarts.
-  assert train._this_process_data_state({"process_count": 2, "per_process": [{}, {}]}) is None
+  assert checkpointing._this_process_data_state({"process_count": 2, "per_process": [{}, {}]}) is None

@@ -22,6 +22,7 @@ PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
 NUM_SPECIAL = 4  # real vocabulary ids are [NUM_SPECIAL, vocab_size)
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>")  # ids 0..3
 BYTE_VOCAB_SIZE = NUM_SPECIAL + 256
+MIN_BPE_VOCAB = BYTE_VOCAB_SIZE  # a BPE vocabulary holds every byte (and the specials)
 KINDS = ("byte", "bpe")
 
 META_FILE = "tokenizer_meta.json"
@@ -118,9 +119,9 @@ class BPETokenizer(Tokenizer):
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = True) -> BPETokenizer:
   """Trains a byte-level BPE (no normalizer, no prefix space) on `texts`."""
-  if vocab_size < BYTE_VOCAB_SIZE:
+  if vocab_size < MIN_BPE_VOCAB:
     raise ValueError(
-        f"BPE vocab_size must be >= {BYTE_VOCAB_SIZE} (4 specials + 256 bytes), got {vocab_size}."
+        f"BPE vocab_size must be >= {MIN_BPE_VOCAB} ({NUM_SPECIAL} specials + 256 bytes), got {vocab_size}."
     )
   hf = tokenizers.Tokenizer(models.BPE())
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

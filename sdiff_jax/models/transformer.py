@@ -23,7 +23,10 @@ import jax.numpy as jnp
 # {k, v} of shape [1, B, S, KVH, Dh] (unrolled layers, see ModelConfig.scan_layers).
 KVCache = dict[str, jax.Array] | list[dict[str, jax.Array]]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "" / "xla": XLA's attention; "cudnn": the fused kernel (NVIDIA GPUs); "chunked": queries in
+# chunks of `attention_chunk`, O(T) memory on any backend.
+ATTENTION_IMPLS = ("", "xla", "cudnn", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +45,13 @@ class ModelConfig:
   dtype: str = "float32"
   tie_embeddings: bool = False
   remat: bool = False
-  attention_impl: str | None = None  # None / "xla" / "cudnn" / "chunked"
+  attention_impl: str = ""  # one of ATTENTION_IMPLS
   attention_chunk: int = 512  # queries per chunk of the "chunked" attention
   scan_layers: bool = True  # False: unrolled layers, for decoding (see Transformer)
 
   @property
   def compute_dtype(self) -> Any:
-    return _DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
   def num_params(self) -> int:
     """Parameter count (embedding included)."""
@@ -96,7 +99,7 @@ def apply_rope(x_BxTxHxDh: jax.Array, positions_BxT: jax.Array, theta: float) ->
 
 
 def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
-              mask_BxTxS: jax.Array, impl: str | None, chunk: int = 512) -> jax.Array:
+              mask_BxTxS: jax.Array, impl: str, chunk: int = 512) -> jax.Array:
   """Softmax attention (GQA: H a multiple of K heads) under a boolean mask.
 
   `impl="chunked"` runs the queries `chunk` at a time, each chunk rematerialised
@@ -106,7 +109,7 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
   length = q_BxTxHxDh.shape[1]
   if impl != "chunked":
     return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
-                                        mask=mask_BxTxS[:, None], implementation=impl)
+                                        mask=mask_BxTxS[:, None], implementation=impl or None)
   if length <= chunk or length % chunk:
     return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
                                         mask=mask_BxTxS[:, None])

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import tiny_config  # noqa: E402
-from sdiff_jax import sharding, train  # noqa: E402
+from sdiff_jax import checkpointing, sharding, train  # noqa: E402
 
 VOCAB, ROWS, LENGTH = 64, 8, 64
 
@@ -44,30 +44,21 @@ def main():
   config = tiny_config("unused", attention="bidirectional")
   config.mesh.data = -1
   mesh = sharding.make_mesh(config.mesh)
-  objective = train.Objective(config, VOCAB)
-  tx = train.make_optimizer(config)
-
-  def fresh_state(seed):
-    return train.init_train_state(objective, tx, mesh, sharding.rules(config.mesh),
-                                  jax.random.key(seed), config.data.seq_len)
-
-  state, state_sh = fresh_state(0)
-  step_fn = train.make_train_step(objective, tx, state_sh, mesh, grad_accum_steps=1)
+  setup = train.TrainSetup.create(config, VOCAB, mesh)
+  state = setup.init_state(jax.random.key(0))
+  step_fn = train.make_train_step(setup)
   losses = []
   for i in range(3):
-    state, metrics = step_fn(state, train.global_batch(local_rows(i), mesh), jax.random.key(1),
+    state, metrics = step_fn(state, sharding.global_batch(local_rows(i), mesh), jax.random.key(1),
                              with_edit=i == 2)
     losses.append(float(metrics["loss"]))
-  mngr = train.checkpoint_manager(os.path.join(out_dir, "workdir"), config)
+  mngr = checkpointing.manager(checkpointing.Workdir(os.path.join(out_dir, "workdir")))
   # Each process reads its own shard, so each saves (and gets back) its own data state.
-  train.save_checkpoint(mngr, state, {"step": 3, "process": jax.process_index()})
+  checkpointing.save(mngr, state, {"step": 3, "process": jax.process_index()})
   mngr.wait_until_finished()
-  other, other_sh = fresh_state(7)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), other,
-                          other_sh)
-  state, data = train.restore_checkpoint(mngr, 3, abstract)
+  state, data = checkpointing.restore(mngr, 3, setup.abstract_state)
   assert data == {"step": 3, "process": jax.process_index()}, data
-  state, metrics = step_fn(state, train.global_batch(local_rows(3), mesh), jax.random.key(1),
+  state, metrics = step_fn(state, sharding.global_batch(local_rows(3), mesh), jax.random.key(1),
                            with_edit=True)
   losses.append(float(metrics["loss"]))
   mngr.close()

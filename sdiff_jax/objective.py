@@ -1,0 +1,105 @@
+"""The training objectives of one config, as pure functions of (params, batch, key).
+
+By `config.attention`:
+* `bidirectional` / `block_causal`: the Seed Diffusion objective. The
+  masked-diffusion ELBO (mask corruption at t ~ U(eps, 1), the denoiser's
+  logits, (gamma'/gamma)-weighted NLL of the masked tokens); with `with_edit`
+  (the curriculum's second stage) plus the edit term -log p(x0 | x_edit) at
+  every real position. No carry-over: the model predicts every position.
+* `causal`: the next-token loss of the autoregressive baseline.
+
+Losses and metrics are in bits per token. Shapes: B rows, L tokens per row.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sdiff_jax import config_lib, corruption, losses, schedules
+from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.models import Transformer, training_mask
+
+Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: int32[B, L]
+
+
+class Objective:
+  """The model of a config and its loss; `with_edit` selects the curriculum stage."""
+
+  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
+    self.config = config
+    self.model_cfg = config_lib.model_config(config, vocab_size)
+    self.model = Transformer(self.model_cfg)
+    self.mode = config.attention
+    self.gamma = schedules.get_gamma_schedule(config.diffusion.gamma_schedule)
+    self.alpha = schedules.get_alpha_schedule(config.diffusion.alpha_schedule,
+                                              config.diffusion.alpha_max)
+
+  @property
+  def input_length_factor(self) -> int:
+    """Model input length over row length: block_causal runs on `[x_t ; x_0]`."""
+    return 2 if self.mode == "block_causal" else 1
+
+  def init_params(self, key: jax.Array, seq_len: int) -> Any:
+    """Freshly initialised (boxed, logically annotated) parameters."""
+    length = self.input_length_factor * seq_len
+    tokens = jnp.zeros((1, length), jnp.int32)
+    return self.model.init(key, tokens, tokens, jnp.ones((1, length, length), bool))["params"]
+
+  def logits(self, params, inputs_BxL: jax.Array, batch: Batch) -> jax.Array:
+    """Denoiser logits for `inputs` at the positions of the clean `batch`."""
+    seg_BxL, pos_BxL = batch["segment_ids"], batch["positions"]
+    mask = training_mask(self.mode, seg_BxL, self.config.diffusion.block_size)
+    if self.mode == "block_causal":
+      length = inputs_BxL.shape[1]
+      tokens_Bx2L = jnp.concatenate([inputs_BxL, batch["tokens"]], axis=1)
+      pos_Bx2L = jnp.concatenate([pos_BxL, pos_BxL], axis=1)
+      logits, _ = self.model.apply({"params": params}, tokens_Bx2L, pos_Bx2L, mask)
+      return logits[:, :length]
+    logits, _ = self.model.apply({"params": params}, inputs_BxL, pos_BxL, mask)
+    return logits
+
+  def __call__(self, params, batch: Batch, key: jax.Array, with_edit: bool
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of one batch; `valid_tokens` weighs the metrics across batches."""
+    tokens_BxL, seg_BxL = batch["tokens"], batch["segment_ids"]
+    valid_BxL = seg_BxL > 0
+    metrics = {"valid_tokens": valid_BxL.sum().astype(jnp.float32)}
+    if self.mode == "causal":
+      targets_BxL, target_valid_BxL = losses.next_token_targets(tokens_BxL, seg_BxL)
+      nll_BxL = losses.token_nll(self.logits(params, tokens_BxL, batch), targets_BxL,
+                                 tokenizer_lib.MASK_ID)
+      loss = losses.mean_bits(nll_BxL, target_valid_BxL)
+      return loss, {**metrics, "loss": loss, "ar_bits": loss}
+
+    time_key, mask_key, edit_time_key, edit_key = jax.random.split(key, 4)
+    d = self.config.diffusion
+    t_B = schedules.sample_times(time_key, tokens_BxL.shape[0], eps=d.time_eps,
+                                 antithetic=d.antithetic)
+    noisy_BxL, is_masked_BxL = corruption.mask_corrupt(
+        mask_key, tokens_BxL, self.gamma.gamma(t_B), valid_BxL)
+    nll_BxL = losses.token_nll(self.logits(params, noisy_BxL, batch), tokens_BxL,
+                               tokenizer_lib.MASK_ID)
+    mask_bits = losses.masked_diffusion_bits(
+        nll_BxL, is_masked_BxL, schedules.elbo_weight(self.gamma, t_B), valid_BxL)
+    metrics.update(mask_bits=mask_bits,
+                   mask_rate=is_masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1))
+    loss = mask_bits
+    if with_edit:
+      # A packed row is edited as one sequence of its real tokens; the model
+      # sees the edited row at the clean row's positions and segments and must
+      # restore x0 at every position (no carry-over).
+      s_B = schedules.sample_times(edit_time_key, tokens_BxL.shape[0], eps=d.time_eps,
+                                   antithetic=d.antithetic)
+      edited = corruption.edit_corrupt_batch(
+          edit_key, tokens_BxL, valid_BxL.sum(axis=1), self.alpha.alpha(s_B),
+          vocab_size=self.model_cfg.vocab_size, alpha_max=d.alpha_max,
+          op_probs=tuple(d.edit_op_probs))
+      edit_nll_BxL = losses.token_nll(self.logits(params, edited.tokens, batch), tokens_BxL,
+                                      tokenizer_lib.MASK_ID)
+      edit_bits = losses.mean_bits(edit_nll_BxL, valid_BxL)
+      loss = loss + self.config.curriculum.edit_weight * edit_bits
+      metrics["edit_bits"] = edit_bits
+    metrics["loss"] = loss
+    return loss, metrics
