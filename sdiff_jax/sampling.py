@@ -1,5 +1,7 @@
 """Block-parallel diffusion sampler and autoregressive baseline, one jit each.
 
+Shapes: B batch, P prompt, G generated, N buffer (J blocks of K), S cache slots, T forward, V vocab.
+
 Both decode a batch of prompts inside one compiled `lax.while_loop`, with an
 explicit KV cache of `P + N` slots (P: padded prompt length, N: generation
 buffer). Prompts are left-padded so that every row writes at the same slot; a
@@ -40,10 +42,14 @@ import numpy as np
 from sdiff_jax import losses
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.models import KVCache, ModelConfig, Transformer, init_cache, unstack_layers
+from sdiff_jax.models.attention_masks import ATTENTION_MODES
 
-PAD, BOS, EOS, MASK = (tokenizer_lib.PAD_ID, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID,
-                       tokenizer_lib.MASK_ID)
-ATTENTIONS = ("bidirectional", "block_causal", "causal")
+PAD, BOS, EOS, MASK = (
+  tokenizer_lib.PAD_ID,
+  tokenizer_lib.BOS_ID,
+  tokenizer_lib.EOS_ID,
+  tokenizer_lib.MASK_ID,
+)
 CACHE_MODES = ("approx", "recompute")
 
 
@@ -66,16 +72,19 @@ class Settings:
   def validate(self) -> None:
     """Raises ValueError naming the first bad field."""
     checks = (
-        ("attention", self.attention in ATTENTIONS, f"must be one of {ATTENTIONS}"),
-        ("cache_mode", self.cache_mode in CACHE_MODES, f"must be one of {CACHE_MODES}"),
-        ("max_new_tokens", self.max_new_tokens > 0, "must be positive"),
-        ("block_size", self.block_size > 0, "must be positive"),
-        ("steps_per_block", 0 < self.steps_per_block <= self.block_size,
-         f"must be in [1, block_size={self.block_size}]"),
-        ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0, "must be in [0, 1]"),
-        ("temperature", self.temperature >= 0.0, "must not be negative"),
-        ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
-        ("correction_threshold", 0.0 <= self.correction_threshold <= 1.0, "must be in [0, 1]"),
+      ("attention", self.attention in ATTENTION_MODES, f"must be one of {ATTENTION_MODES}"),
+      ("cache_mode", self.cache_mode in CACHE_MODES, f"must be one of {CACHE_MODES}"),
+      ("max_new_tokens", self.max_new_tokens > 0, "must be positive"),
+      ("block_size", self.block_size > 0, "must be positive"),
+      (
+        "steps_per_block",
+        0 < self.steps_per_block <= self.block_size,
+        f"must be in [1, block_size={self.block_size}]",
+      ),
+      ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0, "must be in [0, 1]"),
+      ("temperature", self.temperature >= 0.0, "must not be negative"),
+      ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+      ("correction_threshold", 0.0 <= self.correction_threshold <= 1.0, "must be in [0, 1]"),
     )
     for name, ok, why in checks:
       if not ok:
@@ -96,11 +105,18 @@ class Decoder:
   def unrolled(self) -> ModelConfig:
     return dataclasses.replace(self.cfg, scan_layers=False)
 
-  def apply(self, params, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-            mask_BxTxS: jax.Array, cache: KVCache, cache_index: jax.Array
-            ) -> tuple[jax.Array, KVCache]:
-    return Transformer(self.unrolled).apply({"params": params}, tokens_BxT, positions_BxT,
-                                            mask_BxTxS, cache, cache_index)
+  def apply(
+    self,
+    params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    mask_BxTxS: jax.Array,
+    cache: KVCache,
+    cache_index: jax.Array,
+  ) -> tuple[jax.Array, KVCache]:
+    return Transformer(self.unrolled).apply(
+      {"params": params}, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index
+    )
 
   def init_cache(self, batch: int, length: int) -> KVCache:
     return init_cache(self.unrolled, batch, length)
@@ -110,8 +126,9 @@ class Decoder:
     the weight reads; per-layer weights are read in place, not sliced from a stack)."""
     dtype = self.cfg.compute_dtype
     params = unstack_layers(params, self.cfg.n_layers)
-    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                        params)
+    return jax.tree.map(
+      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+    )
 
 
 @flax.struct.dataclass
@@ -121,7 +138,7 @@ class Generation:
   tokens: jax.Array  # int32[B, G]: generated tokens, PAD after EOS
   lengths: jax.Array  # int32[B]: generated tokens, EOS included
   nfe: jax.Array  # int32[]: forward passes, prefill included
-  block_steps: jax.Array  # int32[G / block_size]: denoising forwards per block (0: not run); AR: []
+  block_steps: jax.Array  # int32[J]: denoising forwards per block (0: not run); AR: int32[0]
   # int32[B, G]: the step (within its block; AR: overall) that set each token, -1: none
   commit_step: jax.Array
 
@@ -131,27 +148,32 @@ class Generation:
     return float(np.mean(jax.device_get(self.lengths))) / max(int(self.nfe), 1)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> (int32[B, P] left-padded with PAD, int32[B] lengths)."""
+def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (int32[B, P] left-padded with PAD to the longest, int32[B] lengths)."""
   lengths_B = np.array([len(p) for p in prompts], np.int32)
   if lengths_B.min(initial=1) < 1:
     raise ValueError("every prompt needs at least one token (e.g. BOS)")
-  length = int(lengths_B.max()) if length is None else length
-  if lengths_B.max() > length:
-    raise ValueError(f"a prompt has {lengths_B.max()} tokens, more than the padded length {length}")
+  length = int(lengths_B.max())
   prompt_BxP = np.full((len(prompts), length), PAD, np.int32)
   for row, p in enumerate(prompts):
-    prompt_BxP[row, length - len(p):] = p
+    prompt_BxP[row, length - len(p) :] = p
   return prompt_BxP, lengths_B
 
 
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _forward(decoder: Decoder, params, pad_B: jax.Array, num_slots: int, cache: KVCache,
-             tokens_BxT: jax.Array, start: jax.Array, causal: bool,
-             write_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+def _forward(
+  decoder: Decoder,
+  params,
+  pad_B: jax.Array,
+  num_slots: int,
+  cache: KVCache,
+  tokens_BxT: jax.Array,
+  start: jax.Array,
+  causal: bool,
+  write_at: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
   """Runs `tokens` as positions [start, start+T) of the sequence.
 
   Their K/V go to cache slots [write_at, write_at+T) (default: `start`); they see the
@@ -164,8 +186,9 @@ def _forward(decoder: Decoder, params, pad_B: jax.Array, num_slots: int, cache: 
   own_TxS = (slot_S >= write_at) & (slot_S < write_at + length)
   if causal:
     own_TxS &= offset_TxS <= 0
-  mask_BxTxS = (((slot_S < start) | own_TxS)[None] & (slot_S >= pad_B[:, None, None])
-                | (offset_TxS == 0)[None])  # a pad query sees itself: no empty rows
+  mask_BxTxS = ((slot_S < start) | own_TxS)[None] & (slot_S >= pad_B[:, None, None]) | (
+    offset_TxS == 0
+  )[None]  # a pad query sees itself: no empty rows
   positions_BxT = jnp.maximum(start + jnp.arange(length)[None, :] - pad_B[:, None], 0)
   return decoder.apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, write_at)
 
@@ -196,17 +219,26 @@ def _sample(logits_BxTxV: jax.Array, key: jax.Array, s: Settings) -> tuple[jax.A
   return tokens_BxT.astype(jnp.int32), confidence_BxT
 
 
-def _finish(tokens_BxN: jax.Array, commit_BxN: jax.Array, block_steps: jax.Array,
-            nfe: jax.Array, max_new_tokens: int) -> Generation:
+def _finish(
+  tokens_BxN: jax.Array,
+  commit_BxN: jax.Array,
+  block_steps: jax.Array,
+  nfe: jax.Array,
+  max_new_tokens: int,
+) -> Generation:
   """Cuts the buffer to the requested length; PAD (commit step -1) after a row's EOS."""
   tokens_BxG = tokens_BxN[:, :max_new_tokens]
   is_eos_BxG = tokens_BxG == EOS
   eos_B = jnp.where(is_eos_BxG.any(axis=1), jnp.argmax(is_eos_BxG, axis=1), max_new_tokens)
   lengths_B = jnp.minimum(eos_B + 1, max_new_tokens).astype(jnp.int32)
   kept_BxG = jnp.arange(max_new_tokens) < lengths_B[:, None]
-  return Generation(tokens=jnp.where(kept_BxG, tokens_BxG, PAD), lengths=lengths_B, nfe=nfe,
-                    block_steps=block_steps,
-                    commit_step=jnp.where(kept_BxG, commit_BxN[:, :max_new_tokens], -1))
+  return Generation(
+    tokens=jnp.where(kept_BxG, tokens_BxG, PAD),
+    lengths=lengths_B,
+    nfe=nfe,
+    block_steps=block_steps,
+    commit_step=jnp.where(kept_BxG, commit_BxN[:, :max_new_tokens], -1),
+  )
 
 
 # ----------------------------------------------------------------------------- block sampler
@@ -220,8 +252,9 @@ def _needed(block_BxK: jax.Array, active_B: jax.Array, valid_K: jax.Array) -> ja
   return active_B[:, None] & valid_K[None, :] & (jnp.arange(size)[None, :] <= eos_B[:, None])
 
 
-def _copy_slots(cache: KVCache, rows_B: jax.Array, source: int, dest: jax.Array, size: int
-                ) -> KVCache:
+def _copy_slots(
+  cache: KVCache, rows_B: jax.Array, source: int, dest: jax.Array, size: int
+) -> KVCache:
   """Copies cache slots [source, source+size) to [dest, dest+size) in the rows `rows_B`."""
 
   def copy(x_LxBxS):  # [layers, B, slots, ...]
@@ -229,14 +262,21 @@ def _copy_slots(cache: KVCache, rows_B: jax.Array, source: int, dest: jax.Array,
     dest_LxBxK = jax.lax.dynamic_slice_in_dim(x_LxBxS, dest, size, axis=2)
     rows = rows_B.reshape((1, -1) + (1,) * (x_LxBxS.ndim - 2))
     return jax.lax.dynamic_update_slice_in_dim(
-        x_LxBxS, jnp.where(rows, source_LxBxK, dest_LxBxK), dest, axis=2)
+      x_LxBxS, jnp.where(rows, source_LxBxK, dest_LxBxK), dest, axis=2
+    )
 
   return jax.tree.map(copy, cache)
 
 
-def _denoise_update(logits_BxKxV: jax.Array, block_BxK: jax.Array, commit_BxK: jax.Array,
-                    needed_BxK: jax.Array, step: jax.Array, key: jax.Array, s: Settings
-                    ) -> tuple[jax.Array, jax.Array]:
+def _denoise_update(
+  logits_BxKxV: jax.Array,
+  block_BxK: jax.Array,
+  commit_BxK: jax.Array,
+  needed_BxK: jax.Array,
+  step: jax.Array,
+  key: jax.Array,
+  s: Settings,
+) -> tuple[jax.Array, jax.Array]:
   """One denoising step: commit masked positions by confidence (and self-correct)."""
   candidate_BxK, confidence_BxK = _sample(logits_BxKxV, key, s)
   masked_BxK = block_BxK == MASK
@@ -249,14 +289,44 @@ def _denoise_update(logits_BxKxV: jax.Array, block_BxK: jax.Array, commit_BxK: j
   rank_BxK = jnp.argsort(jnp.argsort(-score_BxK, axis=1), axis=1)  # stable: ties by position
   change_BxK = todo_BxK & (rank_BxK < count_B[:, None])
   if s.self_correction:
-    change_BxK |= (needed_BxK & ~masked_BxK & (candidate_BxK != block_BxK)
-                   & (confidence_BxK > s.correction_threshold))
-  return (jnp.where(change_BxK, candidate_BxK, block_BxK),
-          jnp.where(change_BxK, step, commit_BxK))
+    change_BxK |= (
+      needed_BxK
+      & ~masked_BxK
+      & (candidate_BxK != block_BxK)
+      & (confidence_BxK > s.correction_threshold)
+    )
+  return (jnp.where(change_BxK, candidate_BxK, block_BxK), jnp.where(change_BxK, step, commit_BxK))
 
 
-def _block_generate(decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array,
-                    pad_B: jax.Array, key: jax.Array) -> Generation:
+@flax.struct.dataclass
+class BlockLoopState:
+  """Carry of the loop over blocks: `_generate_block` appends block `block` to the buffer."""
+
+  block: jax.Array  # int32[]: index of the next block
+  cache: KVCache  # prompt and finished blocks (exact or approximate, see the module docstring)
+  tokens_BxN: jax.Array  # int32: the finished blocks, MASK after them
+  commit_BxN: jax.Array  # int32: the step within its block that set each token, -1: none
+  ended_B: jax.Array  # bool: the row has an EOS in a finished block
+  nfe: jax.Array  # int32[]: forward passes so far, prefill included
+  block_steps_J: jax.Array  # int32: denoising forwards of each block, 0: not run
+
+
+@flax.struct.dataclass
+class StepLoopState:
+  """Carry of the denoising loop of one block: `_denoise_step` runs one forward."""
+
+  step: jax.Array  # int32[]: denoising forwards of this block so far
+  block_BxK: jax.Array  # int32: the block's tokens, MASK where none is committed
+  commit_BxK: jax.Array  # int32: the step that set each token, -1: none
+  cache: KVCache
+  pending_B: jax.Array  # bool: the row's last forward denoised: its scratch K/V go to the block
+  nfe: jax.Array  # int32[]: forward passes so far, prefill included
+
+
+def _block_generate(
+  decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array, pad_B: jax.Array, key: jax.Array
+) -> Generation:
+  """Prefills the prompt, then `_generate_block` until every row has ended (or J blocks)."""
   batch, prompt_len = prompt_BxP.shape
   size = s.block_size
   num_blocks = math.ceil(s.max_new_tokens / size)
@@ -270,105 +340,234 @@ def _block_generate(decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array
   forward = functools.partial(_forward, decoder, params, pad_B, num_slots)
 
   _, cache = forward(decoder.init_cache(batch, num_slots), prompt_BxP, 0, causal=exact)
+  init = BlockLoopState(
+    block=jnp.int32(0),
+    cache=cache,
+    tokens_BxN=jnp.full((batch, num_blocks * size), MASK, jnp.int32),
+    commit_BxN=jnp.full((batch, num_blocks * size), -1, jnp.int32),
+    ended_B=jnp.zeros((batch,), bool),
+    nfe=jnp.int32(1),
+    block_steps_J=jnp.zeros((num_blocks,), jnp.int32),
+  )
+  final = jax.lax.while_loop(
+    lambda state: (state.block < num_blocks) & ~jnp.all(state.ended_B),
+    functools.partial(
+      _generate_block, forward=forward, s=s, key=key, prompt_len=prompt_len, scratch=scratch
+    ),
+    init,
+  )
+  return _finish(
+    final.tokens_BxN, final.commit_BxN, final.block_steps_J, final.nfe, s.max_new_tokens
+  )
 
-  def block_body(carry):
-    j, cache, tokens_BxN, commit_BxN, ended_B, nfe, block_steps = carry
-    start = prompt_len + j * size
-    if recommit:
-      def rewrite(cache):
-        """Rewrites the K/V of the final block j-1 (token-causal if `exact`)."""
-        previous_BxK = jax.lax.dynamic_slice_in_dim(tokens_BxN, (j - 1) * size, size, axis=1)
-        return forward(cache, previous_BxK, start - size, causal=exact)[1]
-      cache = jax.lax.cond(j > 0, rewrite, lambda c: c, cache)
-      nfe = nfe + (j > 0)
-    valid_K = j * size + jnp.arange(size) < s.max_new_tokens
-    active_B = ~ended_B
 
-    def step_cond(c):
-      step, block_BxK = c[0], c[1]
-      return (step < s.steps_per_block) & jnp.any(_needed(block_BxK, active_B, valid_K)
-                                                  & (block_BxK == MASK))
+def _generate_block(
+  state: BlockLoopState,
+  *,
+  forward,
+  s: Settings,
+  key: jax.Array,
+  prompt_len: int,
+  scratch: int | None,
+) -> BlockLoopState:
+  """Denoises block `state.block` (cache slots [start, start+K)) and appends it.
 
-    def step_body(c):
-      step, block_BxK, commit_BxK, cache, pending_B, nfe = c
-      if scratch is not None:  # before the forward reads the cache: no copy of it
-        cache = _copy_slots(cache, pending_B, scratch, start, size)
-      needed_BxK = _needed(block_BxK, active_B, valid_K)
-      logits_BxKxV, cache = forward(cache, block_BxK, start, causal=False, write_at=scratch)
-      pending_B = jnp.any(needed_BxK & (block_BxK == MASK), axis=1)  # rows that denoised
-      block_BxK, commit_BxK = _denoise_update(logits_BxKxV, block_BxK, commit_BxK, needed_BxK,
-                                              step, jax.random.fold_in(key, nfe), s)
-      return step + 1, block_BxK, commit_BxK, cache, pending_B, nfe + 1
+  Without scratch slots, one forward first rewrites the K/V of the previous block from its
+  final tokens (token-causal for `block_causal`).
+  """
+  size = s.block_size
+  exact = s.attention == "block_causal"
+  j, cache, nfe = state.block, state.cache, state.nfe
+  batch = state.ended_B.shape[0]
+  start = prompt_len + j * size
+  if scratch is None:
 
-    init = (jnp.int32(0), jnp.full((batch, size), MASK, jnp.int32),
-            jnp.full((batch, size), -1, jnp.int32), cache, jnp.zeros((batch,), bool), nfe)
-    steps, block_BxK, block_commit_BxK, cache, pending_B, nfe = jax.lax.while_loop(
-        step_cond, step_body, init)
-    if scratch is not None:
-      cache = _copy_slots(cache, pending_B, scratch, start, size)
-    tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, block_BxK, j * size, axis=1)
-    commit_BxN = jax.lax.dynamic_update_slice_in_dim(commit_BxN, block_commit_BxK, j * size, axis=1)
-    ended_B = ended_B | jnp.any(block_BxK == EOS, axis=1)
-    return j + 1, cache, tokens_BxN, commit_BxN, ended_B, nfe, block_steps.at[j].set(steps)
+    def rewrite(cache):
+      """Rewrites the K/V of the final block j-1 (token-causal if `exact`)."""
+      previous_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxN, (j - 1) * size, size, axis=1)
+      return forward(cache, previous_BxK, start - size, causal=exact)[1]
 
-  def block_cond(carry):
-    j, ended_B = carry[0], carry[4]
-    return (j < num_blocks) & ~jnp.all(ended_B)
+    cache = jax.lax.cond(j > 0, rewrite, lambda c: c, cache)
+    nfe = nfe + (j > 0)
+  valid_K = j * size + jnp.arange(size) < s.max_new_tokens
+  active_B = ~state.ended_B
 
-  init = (jnp.int32(0), cache, jnp.full((batch, num_blocks * size), MASK, jnp.int32),
-          jnp.full((batch, num_blocks * size), -1, jnp.int32), jnp.zeros((batch,), bool),
-          jnp.int32(1), jnp.zeros((num_blocks,), jnp.int32))
-  _, _, tokens_BxN, commit_BxN, _, nfe, block_steps = jax.lax.while_loop(
-      block_cond, block_body, init)
-  return _finish(tokens_BxN, commit_BxN, block_steps, nfe, s.max_new_tokens)
+  init = StepLoopState(
+    step=jnp.int32(0),
+    block_BxK=jnp.full((batch, size), MASK, jnp.int32),
+    commit_BxK=jnp.full((batch, size), -1, jnp.int32),
+    cache=cache,
+    pending_B=jnp.zeros((batch,), bool),
+    nfe=nfe,
+  )
+  done = jax.lax.while_loop(
+    functools.partial(_denoising, s=s, active_B=active_B, valid_K=valid_K),
+    functools.partial(
+      _denoise_step,
+      forward=forward,
+      s=s,
+      key=key,
+      start=start,
+      scratch=scratch,
+      active_B=active_B,
+      valid_K=valid_K,
+    ),
+    init,
+  )
+  cache = done.cache
+  if scratch is not None:
+    cache = _copy_slots(cache, done.pending_B, scratch, start, size)
+  tokens_BxN = jax.lax.dynamic_update_slice_in_dim(
+    state.tokens_BxN, done.block_BxK, j * size, axis=1
+  )
+  commit_BxN = jax.lax.dynamic_update_slice_in_dim(
+    state.commit_BxN, done.commit_BxK, j * size, axis=1
+  )
+  ended_B = state.ended_B | jnp.any(done.block_BxK == EOS, axis=1)
+  return BlockLoopState(
+    block=j + 1,
+    cache=cache,
+    tokens_BxN=tokens_BxN,
+    commit_BxN=commit_BxN,
+    ended_B=ended_B,
+    nfe=done.nfe,
+    block_steps_J=state.block_steps_J.at[j].set(done.step),
+  )
+
+
+def _denoising(
+  state: StepLoopState, *, s: Settings, active_B: jax.Array, valid_K: jax.Array
+) -> jax.Array:
+  """Whether the block takes another forward: steps are left and a needed position is MASK."""
+  return (state.step < s.steps_per_block) & jnp.any(
+    _needed(state.block_BxK, active_B, valid_K) & (state.block_BxK == MASK)
+  )
+
+
+def _denoise_step(
+  state: StepLoopState,
+  *,
+  forward,
+  s: Settings,
+  key: jax.Array,
+  start: jax.Array,
+  scratch: int | None,
+  active_B: jax.Array,
+  valid_K: jax.Array,
+) -> StepLoopState:
+  """One forward of the block as positions [start, start+K), then `_denoise_update`."""
+  cache = state.cache
+  if scratch is not None:  # before the forward reads the cache: no copy of it
+    cache = _copy_slots(cache, state.pending_B, scratch, start, s.block_size)
+  needed_BxK = _needed(state.block_BxK, active_B, valid_K)
+  logits_BxKxV, cache = forward(cache, state.block_BxK, start, causal=False, write_at=scratch)
+  pending_B = jnp.any(needed_BxK & (state.block_BxK == MASK), axis=1)  # rows that denoised
+  block_BxK, commit_BxK = _denoise_update(
+    logits_BxKxV,
+    state.block_BxK,
+    state.commit_BxK,
+    needed_BxK,
+    state.step,
+    jax.random.fold_in(key, state.nfe),
+    s,
+  )
+  return StepLoopState(
+    step=state.step + 1,
+    block_BxK=block_BxK,
+    commit_BxK=commit_BxK,
+    cache=cache,
+    pending_B=pending_B,
+    nfe=state.nfe + 1,
+  )
 
 
 # ----------------------------------------------------------------------------- AR baseline
 
 
-def _ar_generate(decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array,
-                 pad_B: jax.Array, key: jax.Array) -> Generation:
+@flax.struct.dataclass
+class ARLoopState:
+  """Carry of the AR loop: `_ar_step` samples token `step` from one forward."""
+
+  step: jax.Array  # int32[]: index of the token to sample, also the forward passes so far
+  token_Bx1: jax.Array  # int32: the last sampled token, input of the next forward
+  cache: KVCache
+  tokens_BxG: jax.Array  # int32: the sampled tokens, PAD after them
+  ended_B: jax.Array  # bool: the row has sampled EOS
+
+
+def _ar_generate(
+  decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array, pad_B: jax.Array, key: jax.Array
+) -> Generation:
+  """The prefill samples token 0, then `_ar_step` until every row has ended (or G tokens)."""
   batch, prompt_len = prompt_BxP.shape
   num_new = s.max_new_tokens
   forward = functools.partial(_forward, decoder, params, pad_B, prompt_len + num_new)
 
-  logits_BxPxV, cache = forward(decoder.init_cache(batch, prompt_len + num_new), prompt_BxP, 0,
-                                causal=True)
+  logits_BxPxV, cache = forward(
+    decoder.init_cache(batch, prompt_len + num_new), prompt_BxP, 0, causal=True
+  )
   token_Bx1, _ = _sample(logits_BxPxV[:, -1:], jax.random.fold_in(key, 0), s)
   tokens_BxG = jnp.full((batch, num_new), PAD, jnp.int32).at[:, :1].set(token_Bx1)
-
-  def cond(carry):
-    t, ended_B = carry[0], carry[4]
-    return (t < num_new) & ~jnp.all(ended_B)
-
-  def body(carry):
-    t, token_Bx1, cache, tokens_BxG, ended_B = carry
-    logits_Bx1xV, cache = forward(cache, token_Bx1, prompt_len + t - 1, causal=True)
-    token_Bx1, _ = _sample(logits_Bx1xV, jax.random.fold_in(key, t), s)
-    token_Bx1 = jnp.where(ended_B[:, None], PAD, token_Bx1)
-    tokens_BxG = jax.lax.dynamic_update_slice_in_dim(tokens_BxG, token_Bx1, t, axis=1)
-    return t + 1, token_Bx1, cache, tokens_BxG, ended_B | (token_Bx1[:, 0] == EOS)
-
-  init = (jnp.int32(1), token_Bx1, cache, tokens_BxG, token_Bx1[:, 0] == EOS)
-  nfe, _, _, tokens_BxG, _ = jax.lax.while_loop(cond, body, init)
+  init = ARLoopState(
+    step=jnp.int32(1),
+    token_Bx1=token_Bx1,
+    cache=cache,
+    tokens_BxG=tokens_BxG,
+    ended_B=token_Bx1[:, 0] == EOS,
+  )
+  final = jax.lax.while_loop(
+    lambda state: (state.step < num_new) & ~jnp.all(state.ended_B),
+    functools.partial(_ar_step, forward=forward, s=s, key=key, prompt_len=prompt_len),
+    init,
+  )
   commit_BxG = jnp.broadcast_to(jnp.arange(num_new, dtype=jnp.int32), (batch, num_new))
-  return _finish(tokens_BxG, commit_BxG, jnp.zeros((0,), jnp.int32), nfe, num_new)
+  return _finish(final.tokens_BxG, commit_BxG, jnp.zeros((0,), jnp.int32), final.step, num_new)
+
+
+def _ar_step(
+  state: ARLoopState, *, forward, s: Settings, key: jax.Array, prompt_len: int
+) -> ARLoopState:
+  """One forward of the last token (position P + step - 1); PAD once the row has ended."""
+  t = state.step
+  logits_Bx1xV, cache = forward(state.cache, state.token_Bx1, prompt_len + t - 1, causal=True)
+  token_Bx1, _ = _sample(logits_Bx1xV, jax.random.fold_in(key, t), s)
+  token_Bx1 = jnp.where(state.ended_B[:, None], PAD, token_Bx1)
+  tokens_BxG = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxG, token_Bx1, t, axis=1)
+  return ARLoopState(
+    step=t + 1,
+    token_Bx1=token_Bx1,
+    cache=cache,
+    tokens_BxG=tokens_BxG,
+    ended_B=state.ended_B | (token_Bx1[:, 0] == EOS),
+  )
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array,
-              prompt_lens_B: jax.Array, key: jax.Array) -> Generation:
+def _generate(
+  decoder: Decoder,
+  s: Settings,
+  params,
+  prompt_BxP: jax.Array,
+  prompt_lens_B: jax.Array,
+  key: jax.Array,
+) -> Generation:
   params = decoder.prepare(params)
   pad_B = prompt_BxP.shape[1] - prompt_lens_B
   run = _ar_generate if s.attention == "causal" else _block_generate
   return run(decoder, s, params, prompt_BxP, pad_B, key)
 
 
-def generate(decoder: Decoder, params: Any, prompt_BxP: jax.Array, prompt_lens_B: jax.Array,
-             key: jax.Array, settings: Settings) -> Generation:
+def generate(
+  decoder: Decoder,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_lens_B: jax.Array,
+  key: jax.Array,
+  settings: Settings,
+) -> Generation:
   """Generates `settings.max_new_tokens` after each left-padded prompt (see `left_pad`).
 
   One compilation per (decoder, settings, shapes); same key, same output.
@@ -377,8 +576,14 @@ def generate(decoder: Decoder, params: Any, prompt_BxP: jax.Array, prompt_lens_B
   return _generate(decoder, settings, params, prompt_BxP, prompt_lens_B, key)
 
 
-def compile_generate(decoder: Decoder, params: Any, prompt_BxP: jax.Array,
-                     prompt_lens_B: jax.Array, key: jax.Array, settings: Settings):
+def compile_generate(
+  decoder: Decoder,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_lens_B: jax.Array,
+  key: jax.Array,
+  settings: Settings,
+):
   """`generate` compiled ahead of time for these shapes: call it with (params, prompt_BxP,
   prompt_lens_B, key). Lets benchmarks time compilation apart from decoding."""
   settings.validate()

@@ -6,7 +6,7 @@ layers are one scan, so full depth compiles as fast as one layer (~15 s each).
 
 Target: an 80 GB H100 (79.6 GiB visible) of which the launch scripts let XLA take
 92% (XLA_PYTHON_CLIENT_MEM_FRACTION=0.92): 73.2 GiB. cuDNN attention does not
-compile for CPU; the query-chunked attention stands in for it (see bench/memory.py).
+compile for CPU; the query-chunked attention stands in for it (see bench/compiled.py).
 """
 
 import importlib.util
@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from sdiff_jax import config_lib
-from sdiff_jax.bench import memory
+from sdiff_jax.bench import compiled
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 H100_BUDGET_GIB = 0.92 * 79.6
@@ -35,10 +35,10 @@ def test_large_config_fits_an_h100_node(name, params_b):
   assert jax.device_count() == 8
   config = _config(name, "gpu8")
   config_lib.validate(config)
-  result = memory.per_device_memory(config)
+  result = compiled.per_device_memory(config)
   assert result["params"] / 1e9 == pytest.approx(params_b, rel=0.01)
   # Parameters + two Adam moments in float32, sharded 8 ways, are a floor.
-  assert result["state_and_batch_gib"] >= 12 * result["params"] / 8 / memory.GIB
+  assert result["state_and_batch_gib"] >= 12 * result["params"] / 8 / compiled.GIB
   assert result["peak_gib"] < H100_BUDGET_GIB, result
 
 
@@ -46,4 +46,4 @@ def test_micro_batch_must_split_over_the_devices():
   config = _config("1b", "gpu8")
   config.train.batch_size, config.train.grad_accum_steps = 32, 8  # 4 rows over 8 devices
   with pytest.raises(ValueError, match="multiple of 8"):
-    memory.step_memory(config)
+    compiled.step_memory(config)

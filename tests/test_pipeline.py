@@ -2,14 +2,14 @@
 
 import itertools
 import json
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
 
-from sdiff_jax.data import pipeline
-from sdiff_jax.data import prepare
-from sdiff_jax.data import sources
+from sdiff_jax.data import corpus_stats, pipeline, sources
 from sdiff_jax.data import tokenizer as tokenizer_lib
 
 SEQ_LEN, BATCH = 32, 4
@@ -184,19 +184,27 @@ def test_from_config(tmp_path):
     pipeline.make_dataset_from_config(bpe_config, tokenizer, "train", batch_size=2, seed=0)
 
 
-def test_prepare_cli(tmp_path, monkeypatch):
-  monkeypatch.setattr(pipeline, "SHUFFLE_WINDOW_ROWS", 64)
+def test_prepare_cli_writes_the_tokenizer_and_the_corpus_statistics(tmp_path, monkeypatch):
   code = tmp_path / "code"
   code.mkdir()
   for i, text in enumerate(_texts(30, max_words=300)):
     (code / f"m{i}.py").write_text(text)
-  args = [f"--source={code}", f"--workdir={tmp_path / 'work'}", "--tokenizer=bpe", "--vocab_size=300",
+  work = tmp_path / "work"
+  args = [f"--source={code}", f"--workdir={work}", "--tokenizer=bpe", "--vocab_size=300",
           "--valid_fraction=0.2", "--seq_len=32", "--throughput_seconds=0.2"]
-  result = prepare.run(args)
-  saved = json.loads((tmp_path / "work" / prepare.STATS_FILE).read_text())
-  assert saved["splits"] == result["splits"] and saved["tokenizer_built"]
-  train = result["splits"]["train"]
+  cli = [sys.executable, "-m", "sdiff_jax.data.prepare", *args]
+  done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "tokenizer built" in done.stdout
+  saved = json.loads((work / corpus_stats.STATS_FILE).read_text())
+  assert saved["tokenizer_built"] and saved["throughput"]["tokens_per_s"] > 0
+  train = saved["splits"]["train"]
   assert train["files"] == len(sources.load_corpus(str(code), "train", 0.2))
   assert train["byte_tokens"] == train["bytes"] and 0 < train["bpe_tokens"] < train["bytes"]
-  assert result["throughput"]["tokens_per_s"] > 0
-  assert not prepare.run(args)["tokenizer_built"]  # loaded the second time
+  # the library gives the same counts with the tokenizer the CLI saved
+  monkeypatch.setattr(pipeline, "SHUFFLE_WINDOW_ROWS", 64)
+  tokenizer = tokenizer_lib.load_tokenizer(work / "tokenizer")
+  config = _config(str(code), tokenizer="bpe", vocab_size=300)
+  result = corpus_stats.corpus_statistics(config, tokenizer, batch_size=BATCH,
+                                          throughput_seconds=0.2, progress=False)
+  assert result["splits"] == saved["splits"] and result["vocab_size"] == 300

@@ -1,6 +1,6 @@
-"""The syntax-validity measure used by bench/quality.py."""
+"""The syntax-validity measure of bench/quality.py (bench/syntax.py)."""
 
-from sdiff_jax.bench.quality import is_valid, prompts_from
+from sdiff_jax.bench.syntax import is_valid, prompts_from
 
 
 def test_is_valid_needs_a_complete_parsable_line():

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sdiff_jax import sampling
 from sdiff_jax.models import ModelConfig, Transformer
@@ -29,8 +30,9 @@ class TableDecoder(sampling.Decoder):
 
   def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index):
     late_B = jnp.sum(tokens_BxT == MASK, axis=1) < 3
-    logits_BxTxV = jnp.where(late_B[:, None, None], params["late"][positions_BxT],
-                             params["early"][positions_BxT])
+    logits_BxTxV = jnp.where(
+      late_B[:, None, None], params["late"][positions_BxT], params["early"][positions_BxT]
+    )
     return logits_BxTxV, cache
 
   def init_cache(self, batch, length):
@@ -109,8 +111,11 @@ def test_self_correction_rewrites_a_confident_disagreement():
   fixed = _run(spec, dataclasses.replace(settings, self_correction=True), late_spec=late)
   np.testing.assert_array_equal(fixed.tokens[0], [9, 5, 6, 7])
   np.testing.assert_array_equal(fixed.commit_step[0], [2, 1, 2, 3])
-  strict = _run(spec, dataclasses.replace(settings, self_correction=True,
-                                          correction_threshold=0.99), late_spec=late)
+  strict = _run(
+    spec,
+    dataclasses.replace(settings, self_correction=True, correction_threshold=0.99),
+    late_spec=late,
+  )
   np.testing.assert_array_equal(strict.tokens[0], [4, 5, 6, 7])
 
 
@@ -123,8 +128,9 @@ def test_bad_settings_are_named():
 
 # ----------------------------------------------------------------------------- real (tiny) model
 
-CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  d_ff=64)
+CFG = ModelConfig(
+  vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
 DECODER = sampling.Decoder(CFG)
 PROMPTS = [[BOS, 7, 8, 9, 10, 11, 12], [BOS, 20]]  # the second is left-padded by 5 in a batch
 APPLY = jax.jit(Transformer(CFG).apply)
@@ -172,27 +178,48 @@ def _reference_block_causal(params, prompt, s: Settings):
       if not bool(jnp.any(needed_BxK & (block_BxK == MASK))):
         break
       noisy = clean.copy()
-      noisy[:, block_start:block_start + size] = block_BxK
-      logits, _ = APPLY({"params": params}, jnp.concatenate([noisy, clean], 1),
-                        jnp.concatenate([pos_1xL, pos_1xL], 1), mask)
+      noisy[:, block_start : block_start + size] = block_BxK
+      logits, _ = APPLY(
+        {"params": params},
+        jnp.concatenate([noisy, clean], 1),
+        jnp.concatenate([pos_1xL, pos_1xL], 1),
+        mask,
+      )
       block_BxK, commit_BxK = DENOISE_UPDATE(
-          logits[:, block_start:block_start + size], block_BxK, commit_BxK, needed_BxK,
-          jnp.int32(step), jax.random.key(0), s)
+        logits[:, block_start : block_start + size],
+        block_BxK,
+        commit_BxK,
+        needed_BxK,
+        jnp.int32(step),
+        jax.random.key(0),
+        s,
+      )
       block_steps[j] += 1
-    clean[:, block_start:block_start + size] = block_BxK
+    clean[:, block_start : block_start + size] = block_BxK
     if EOS in clean[0, start:]:
       break
-  out = clean[0, start:start + s.max_new_tokens]
+  out = clean[0, start : start + s.max_new_tokens]
   eos = np.flatnonzero(out == EOS)
   if eos.size:
-    out[eos[0] + 1:] = PAD
+    out[eos[0] + 1 :] = PAD
   return np.where(out == MASK, PAD, out), block_steps
 
 
-@pytest.mark.parametrize("settings", [
+@pytest.mark.parametrize(
+  "settings",
+  [
     Settings(attention="block_causal", max_new_tokens=20, block_size=8, steps_per_block=4),
-    Settings(attention="block_causal", max_new_tokens=16, block_size=4, steps_per_block=4,
-             threshold=0.7, self_correction=True, correction_threshold=0.8)])
+    Settings(
+      attention="block_causal",
+      max_new_tokens=16,
+      block_size=4,
+      steps_per_block=4,
+      threshold=0.7,
+      self_correction=True,
+      correction_threshold=0.8,
+    ),
+  ],
+)
 def test_cached_block_causal_batch_equals_uncached_recomputation(params, settings):
   got = _generate(params, PROMPTS, settings)
   assert MASK not in np.asarray(got.tokens) and BOS not in np.asarray(got.tokens)
@@ -212,22 +239,23 @@ def test_cached_ar_batch_equals_uncached_recomputation(params):
   length = max(map(len, PROMPTS)) + settings.max_new_tokens
   for row, prompt in enumerate(PROMPTS):
     tokens = np.full((1, length), PAD, np.int32)
-    tokens[0, :len(prompt)] = prompt
+    tokens[0, : len(prompt)] = prompt
     for i in range(len(prompt), len(prompt) + settings.max_new_tokens):
       seg_1xL = jnp.asarray(np.arange(length) < i, jnp.int32)[None]
       logits, _ = APPLY({"params": params}, tokens, jnp.arange(length)[None], causal_mask(seg_1xL))
-      tokens[0, i] = int(sampling._sample(logits[:, i - 1:i], None, settings)[0][0, 0])
-    want = tokens[0, len(prompt):len(prompt) + settings.max_new_tokens]
+      tokens[0, i] = int(sampling._sample(logits[:, i - 1 : i], None, settings)[0][0, 0])
+    want = tokens[0, len(prompt) : len(prompt) + settings.max_new_tokens]
     eos = np.flatnonzero(want == EOS)
     if eos.size:
-      want[eos[0] + 1:] = PAD
+      want[eos[0] + 1 :] = PAD
     np.testing.assert_array_equal(got.tokens[row], want)
 
 
 def test_bidirectional_rows_alone_equal_rows_in_a_batch(params):
   """No uncached reference exists for the approximate cache: batching must not change it."""
-  settings = Settings(attention="bidirectional", max_new_tokens=16, block_size=8,
-                      steps_per_block=4, threshold=0.5)
+  settings = Settings(
+    attention="bidirectional", max_new_tokens=16, block_size=8, steps_per_block=4, threshold=0.5
+  )
   batch = _generate(params, PROMPTS, settings)
   for row, prompt in enumerate(PROMPTS):
     alone = _generate(params, [prompt], settings)
@@ -249,12 +277,22 @@ def test_sharded_sampling_equals_one_device_and_follows_the_key(params):
   mesh = Mesh(np.array(jax.devices()), ("data",))
   prompt_BxP, lens_B = sampling.left_pad([PROMPTS[i % 2] + [4 + i] for i in range(8)])
   rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  settings = Settings(attention="bidirectional", cache_mode="recompute", max_new_tokens=16,
-                      block_size=8, steps_per_block=4, self_correction=True, temperature=1.0,
-                      top_p=0.9)
+  settings = Settings(
+    attention="bidirectional",
+    cache_mode="recompute",
+    max_new_tokens=16,
+    block_size=8,
+    steps_per_block=4,
+    self_correction=True,
+    temperature=1.0,
+    top_p=0.9,
+  )
   want = sampling.generate(DECODER, params, prompt_BxP, lens_B, jax.random.key(0), settings)
-  sharded = (jax.device_put(params, replicated), jax.device_put(prompt_BxP, rows),
-             jax.device_put(lens_B, rows))
+  sharded = (
+    jax.device_put(params, replicated),
+    jax.device_put(prompt_BxP, rows),
+    jax.device_put(lens_B, rows),
+  )
   got = sampling.generate(DECODER, *sharded, jax.random.key(0), settings)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   assert got.tokens.sharding.spec[0] == "data"

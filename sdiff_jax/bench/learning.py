@@ -1,0 +1,148 @@
+r"""Learning curves: AR, bidirectional and block_causal models trained on identical data.
+
+    python -m sdiff_jax.bench.learning --config=configs/quickstart.py --steps=200 \
+        --eval_steps=50,100,150,200 --json=learning.json --png=learning.png
+
+Each mode trains `--steps` steps of the config on the same batches (same data seed)
+from the same initialisation seed; at each of `--eval_steps` its held-out bits/token
+(`evaluate.nelbo`: ELBO for diffusion models, NLL for AR, with a standard error over
+a fixed, shuffled set of validation rows) is recorded against steps and training
+tokens seen, beside the unigram baseline on the same rows. A mode `A>B` trains
+`--adapt_steps` steps as A, then the rest as B from A's parameters (e.g.
+`causal>bidirectional`: an AR model adapted to diffusion; its steps count both).
+Writes JSON rows and, with matplotlib installed, a PNG of both curves.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sdiff_jax import config_lib, sharding, train
+from sdiff_jax.checkpointing import Workdir
+from sdiff_jax.evaluate import nelbo
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.")
+_MODES = flags.DEFINE_list("modes", ["causal", "bidirectional", "block_causal"],
+                           "Attention modes to train; A>B adapts an A model to B.")
+_STEPS = flags.DEFINE_integer("steps", 200, "Training steps per mode (train.num_steps).")
+_EVAL_STEPS = flags.DEFINE_list("eval_steps", ["50", "100", "150", "200"],
+                                "Steps at which the held-out bits are measured.")
+_ADAPT_STEPS = flags.DEFINE_integer("adapt_steps", 100, "Steps of the first mode of A>B.")
+_HELDOUT_ROWS = flags.DEFINE_integer("heldout_rows", 64, "Held-out validation rows.")
+_REPEATS = flags.DEFINE_integer("repeats", 4, "Noise levels per held-out row (diffusion).")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/sdiff_learning",
+                               "Where the tokenizer is built or found (tokenizer/).")
+_JSON = flags.DEFINE_string("json", None, "Write the rows here.")
+_PNG = flags.DEFINE_string("png", None, "Plot bits against steps and tokens here.")
+
+
+def _stage_configs(base: ml_collections.ConfigDict, mode: str) -> list[tuple[str, int]]:
+  """[(attention, steps)] of one mode."""
+  if ">" not in mode:
+    return [(mode, _STEPS.value)]
+  first, second = mode.split(">")
+  return [(first, _ADAPT_STEPS.value), (second, _STEPS.value - _ADAPT_STEPS.value)]
+
+
+def train_mode(base: ml_collections.ConfigDict, mode: str, tok, heldout, eval_steps: set[int],
+               workdir: Workdir) -> list[dict]:
+  """Trains one mode, returning a row per evaluation."""
+  rows, params, done = [], None, 0
+  mesh = sharding.make_mesh(base.mesh)
+  train_iter = iter(train.make_datasets(base, workdir, tok)[0])  # the same batches for every mode
+  start = time.perf_counter()
+  for attention, steps in _stage_configs(base, mode):
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.attention, config.train.num_steps = attention, steps
+    config_lib.validate(config)
+    setup = train.TrainSetup.create(config, tok.vocab_size, mesh)
+    state = setup.init_state(jax.random.key(config.seed))
+    if params is not None:  # adaptation: the previous stage's parameters, a fresh optimizer
+      state = state.replace(params=params)
+    step_fn = train.make_train_step(setup)
+    edit_start = config_lib.edit_start_step(config)
+    key = jax.random.key(config.seed + 2)
+    for step in range(steps):
+      with_edit = attention != "causal" and step >= edit_start
+      state, metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh), key,
+                               with_edit=with_edit)
+      done += 1
+      if done in eval_steps:
+        bits = nelbo.heldout_bits(setup.objective, state.params, heldout, _REPEATS.value)
+        rows.append({"mode": mode, "attention": attention, "step": done,
+                     "tokens": done * config.train.batch_size * config.data.seq_len,
+                     "bits": bits.mean, "stderr": bits.stderr, "heldout_rows": bits.rows,
+                     "repeats": bits.repeats, "train_loss": float(metrics["loss"]),
+                     "seconds": time.perf_counter() - start})
+        print(f"{mode:>24} step {done:>5}: held-out {bits} bits/token "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    params = state.params
+  return rows
+
+
+def plot(rows: list[dict], unigram: float, path: str) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    return
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, x_name in zip(axes, ("step", "tokens")):
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+      points = [r for r in rows if r["mode"] == mode]
+      ax.errorbar([p[x_name] for p in points], [p["bits"] for p in points],
+                  yerr=[p["stderr"] for p in points], marker="o", capsize=3, label=mode)
+    ax.axhline(unigram, color="gray", linestyle="--", label="unigram")
+    ax.set_xlabel("training steps" if x_name == "step" else "training tokens seen")
+    ax.set_ylabel("held-out bits/token")
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  base = _CONFIG.value
+  base.train.num_steps = _STEPS.value
+  eval_steps = {int(s) for s in _EVAL_STEPS.value}
+  workdir = Workdir(_WORKDIR.value)
+  tok = train.build_tokenizer(base, workdir)
+  data_config = ml_collections.ConfigDict(base.data.to_dict())
+  heldout = nelbo.heldout_rows(data_config, tok, _HELDOUT_ROWS.value)
+  unigram = nelbo.unigram_bits(data_config, tok, heldout)
+  print(f"unigram baseline: {unigram:.3f} bits/token on {_HELDOUT_ROWS.value} held-out rows",
+        flush=True)
+  rows = []
+  for mode in _MODES.value:
+    rows += train_mode(base, mode, tok, heldout, eval_steps, workdir)
+  result = {"unigram_bits": unigram, "rows": rows, "config": base.to_dict(),
+            "devices": [str(d) for d in jax.devices()]}
+  print("\n| mode | step | tokens | held-out bits | vs unigram |\n|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['mode']} | {r['step']} | {r['tokens']:,} | {r['bits']:.3f} +- {r['stderr']:.3f} "
+          f"| {r['bits'] - unigram:+.2f} |")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=1, default=str)
+  if _PNG.value:
+    plot(rows, unigram, _PNG.value)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
