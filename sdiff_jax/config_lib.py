@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.gamma_schedule = "linear"  # mask probability gamma_t: linear | cosine | polyK
   c.diffusion.alpha_schedule = "linear"  # edit rate alpha_t in [0, alpha_max]
   c.diffusion.alpha_max = 0.1  # the paper's bound on the edit rate
+  c.diffusion.edit_window = 4  # w: one edit per window of w + 1 tokens; a pair shifts <= w
   c.diffusion.edit_op_probs = (1 / 3, 1 / 3, 1 / 3)  # substitution, deletion, insertion
   c.diffusion.time_eps = 1e-3  # t ~ U(time_eps, 1)
   c.diffusion.antithetic = True  # evenly spaced t across the batch
@@ -84,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
   c.train.nonfinite = "stop"  # on a NaN/Inf loss: "stop" the run, or "skip" the update
+  # A trained workdir whose latest parameters start this run (same model shape, any
+  # attention mode: e.g. an AR model adapted to diffusion); its tokenizer is reused.
+  c.train.init_from = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices

@@ -8,6 +8,7 @@ steps, so each stage compiles once. Checkpoints and the workdir are `checkpointi
 import dataclasses
 import functools
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -85,6 +86,13 @@ class TrainSetup:
     """A fresh state, initialised directly into its shardings."""
     init = _init_fn(self.objective, self.tx, self.config.data.seq_len)
     return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=self.shardings)(key)
+
+  def state_from_params(self, params: Any) -> TrainState:
+    """Step 0 with these parameters and a fresh optimizer state."""
+    fresh = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                 opt_state=self.tx.init(p),
+                                 first_nonfinite_step=jnp.full((), -1, jnp.int32))
+    return jax.jit(fresh, out_shardings=self.shardings)(params)
 
 
 def _init_fn(objective: Objective, tx: optax.GradientTransformation, seq_len: int):
@@ -258,8 +266,15 @@ def evaluate(eval_step, params, eval_ds, config, mesh, with_edit: bool) -> dict[
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: checkpointing.Workdir
                     ) -> tokenizer_lib.Tokenizer:
-  """The workdir's tokenizer, trained on the training split and saved there on first use."""
+  """The workdir's tokenizer, trained on the training split and saved there on first use
+  (copied from `train.init_from`'s workdir when the run starts from one)."""
   d = config.data
+  if config.train.init_from and not os.path.isdir(workdir.tokenizer):
+    source = checkpointing.Workdir(config.train.init_from)
+    if not os.path.isdir(source.tokenizer):
+      raise FileNotFoundError(f"train.init_from={source.path}: no tokenizer in "
+                              f"{source.tokenizer} (not a trained workdir)")
+    shutil.copytree(source.tokenizer, workdir.tokenizer)
   return tokenizer_lib.get_or_build_tokenizer(
       workdir.tokenizer, d.tokenizer, d.vocab_size,
       lambda: sources.load_corpus(d.source, "train", d.valid_fraction))
@@ -388,6 +403,8 @@ def _initial_state(setup: TrainSetup, mngr, train_iter) -> TrainState:
   """The latest checkpoint's state (and data position), restored straight into sharded
   buffers; else a fresh state."""
   latest = mngr.latest_step()
+  if latest is None and setup.config.train.init_from:
+    return _state_from_workdir(setup, checkpointing.Workdir(setup.config.train.init_from))
   if latest is None:
     return setup.init_state(jax.random.key(setup.config.seed))
   state, data_state = checkpointing.restore(mngr, latest, setup.abstract_state)
@@ -397,6 +414,27 @@ def _initial_state(setup: TrainSetup, mngr, train_iter) -> TrainState:
   if jax.process_index() == 0:
     print(f"Resumed from step {latest} ({mngr.directory})", flush=True)
   return state
+
+
+# Model fields that decide the parameters' shapes.
+_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                 "tie_embeddings")
+
+
+def _state_from_workdir(setup: TrainSetup, source: checkpointing.Workdir) -> TrainState:
+  """A fresh state whose parameters are `source`'s latest (any attention mode)."""
+  theirs = source.read_config()
+  ours = setup.config
+  differ = [f"model.{f}: {theirs.model[f]} there, {ours.model[f]} here" for f in _SHAPE_FIELDS
+            if theirs.model[f] != ours.model[f]]
+  if differ:
+    raise ValueError(f"train.init_from={source.path} has another model shape: "
+                     + "; ".join(differ))
+  step = checkpointing.latest_step(source)
+  params = checkpointing.restore_params(source, step, setup.abstract_state.params)
+  if jax.process_index() == 0:
+    print(f"Initialised from {source.path} (step {step}, {theirs.attention} model)", flush=True)
+  return setup.state_from_params(params)
 
 
 def _check_finite(state: TrainState, config: ml_collections.ConfigDict) -> None:

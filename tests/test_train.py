@@ -259,3 +259,20 @@ def test_data_state_is_per_process():
   assert checkpointing._this_process_data_state(saved) == {"pos": 5}
   # Written by 2 processes, restored by 1: their data shards differ, the stream restarts.
   assert checkpointing._this_process_data_state({"process_count": 2, "per_process": [{}, {}]}) is None
+
+
+def test_init_from_another_workdir(tmp_path, code_corpus_dir):
+  """A bidirectional run starts from a causal run's parameters (and tokenizer); another
+  model shape is a clear error."""
+  ar = tiny_config(code_corpus_dir, attention="causal", num_steps=3, checkpoint_every=3)
+  ar_params = jax.device_get(train.train_and_evaluate(ar, str(tmp_path / "ar")).state.params)
+  adapted = tiny_config(code_corpus_dir, attention="bidirectional", num_steps=1,
+                        learning_rate=0.0, warmup_steps=0, init_from=str(tmp_path / "ar"))
+  result = train.train_and_evaluate(adapted, str(tmp_path / "adapted"))
+  assert os.path.isdir(tmp_path / "adapted" / "tokenizer")
+  for a, b in zip(jax.tree.leaves(ar_params), jax.tree.leaves(result.state.params)):
+    np.testing.assert_array_equal(a, b)  # learning rate 0: still the AR model's parameters
+  wider = tiny_config(code_corpus_dir, num_steps=1, init_from=str(tmp_path / "ar"))
+  wider.model.d_model = 64
+  with pytest.raises(ValueError, match="model.d_model: 32 there, 64 here"):
+    train.train_and_evaluate(wider, str(tmp_path / "wider"))
