@@ -61,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.alpha_schedule = "linear"  # edit rate alpha_t in [0, alpha_max]
   c.diffusion.alpha_max = 0.1  # the paper's bound on the edit rate
   c.diffusion.edit_window = 4  # w: one edit per window of w + 1 tokens; a pair shifts <= w
-  c.diffusion.edit_op_probs = (1 / 3, 1 / 3, 1 / 3)  # substitution, deletion, insertion
+  c.diffusion.edit_op_probs = (1 / 3, 1 / 3, 1 / 3)  # substitution, del-ins pair, ins-del pair
   c.diffusion.time_eps = 1e-3  # t ~ U(time_eps, 1)
   c.diffusion.antithetic = True  # evenly spaced t across the batch
 
@@ -187,7 +187,8 @@ def _choice(config, field: str, choices):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field; compiles nothing."""
   from sdiff_jax import schedules  # local: keeps this module light for configs/
-  from sdiff_jax.data import pipeline, tokenizer as tokenizer_lib
+  from sdiff_jax.data import pipeline
+  from sdiff_jax.data import tokenizer as tokenizer_lib
 
   _choice(config, "attention", ATTENTION_MODES)
   _choice(config, "data.tokenizer", tokenizer_lib.KINDS)
@@ -235,6 +236,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("curriculum.edit_start_fraction", config.curriculum.edit_start_fraction, "must be in [0, 1]")
   if not 0.0 < config.diffusion.time_eps < 1.0:
     _fail("diffusion.time_eps", config.diffusion.time_eps, "must be in (0, 1)")
+  window = config.diffusion.edit_window
+  if window < 0:
+    _fail("diffusion.edit_window", window, "must not be negative")
+  if config.diffusion.alpha_max * (window + 1) > 1:
+    _fail("diffusion.alpha_max", config.diffusion.alpha_max,
+          f"must be at most 1 / (edit_window + 1) = {1 / (window + 1):.3f}: each window of "
+          "edit_window + 1 tokens holds at most one edit")
   probs = tuple(config.diffusion.edit_op_probs)
   if len(probs) != 3 or min(probs) < 0 or sum(probs) <= 0:
     _fail("diffusion.edit_op_probs", probs, "must be 3 non-negative weights (sub, del, ins), not all 0")

@@ -1,11 +1,39 @@
 """Forward corruption processes of Seed Diffusion, pure JAX with static shapes.
 
 * mask_corrupt: absorbing-state process, each valid token -> MASK with prob. gamma_t.
-* edit_corrupt: k_t = floor(length * alpha_t) random substitutions / deletions /
-  insertions (paper Eq. 3-4), built in parallel with one sort, so that
-  Levenshtein(x0, x_t) <= k_t.
+* edit_corrupt: the edit process (paper Eq. 3-4), k = floor(len * alpha_t) edit cost
+  per document, length-preserving and local, so that the loss "predict x0 at every
+  position" stays learnable.
 
-Both take explicit PRNG keys, are jitted, and trace once per shape and static config.
+Edit process: the window scheme. Each document (segment) of a packed row is edited
+on its own, with its own budget k_doc = floor(len_doc * alpha). It is cut into
+windows of W = w + 1 tokens from its first token (window = position // W; the last
+may be shorter), and each window holds at most one operation, entirely inside it:
+  * substitution, cost 1: x0[p] -> another real token;
+  * del-ins pair, cost 2: delete x0[p], x0[p+1..q] shift left, new token at q;
+  * ins-del pair, cost 2: new token at p, x0[p..q-1] shift right, delete x0[q];
+with p < q in one window, the kind drawn by op_probs = (sub, del, ins) weights (a
+window of one token can only hold a substitution). A segment's windows are taken in
+a random order and get operations until the cost reaches k_doc exactly (a pair that
+would overshoot by one becomes a substitution); that needs k_doc <= the number of
+windows, ceil(len_doc / W), which alpha <= alpha_max <= 1 / W guarantees (the paper's
+alpha_max = 0.1 allows w <= 9). Hence Levenshtein(x0_doc, x_t_doc) <= k_doc.
+
+Why windows: the denoiser sees x_t at x0's positions and must predict x0 at every
+position (no carry-over). A free insertion or deletion shifts the whole rest of the
+row, so after a few of them most targets are misaligned with every input token,
+documents bleed into each other, and the edit term cannot be learned (it sat at the
+unigram level); the block sampler edits in place, so a global shift would not help
+it either. Pairing each deletion with an insertion inside a window keeps the row's
+length, segment ids and positions; padding is never touched, nothing crosses a
+segment boundary, a pair shifts at most w targets, and every shifted target is the
+input token one position to its left (del-ins) or right (ins-del): each target is
+inferable from its window's neighbourhood, which the model can learn to read.
+
+Everything is built in parallel: windows are ranked in their segment by one sort of
+(segment, random bits) keys, budgets spent by a segmented cumsum, and the output is
+one gather. Both processes take explicit PRNG keys, are jitted, and trace once per
+shape and static config.
 """
 
 from __future__ import annotations
@@ -17,11 +45,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sdiff_jax.data.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
+from sdiff_jax.data.tokenizer import MASK_ID, NUM_SPECIAL
 
-SUB, DEL, INS = 0, 1, 2  # edit operation codes; op_probs is indexed by them
+# Edit operation codes; op_probs is indexed by SUB, DEL_INS, INS_DEL.
+NO_OP, SUB, DEL_INS, INS_DEL = -1, 0, 1, 2
 
-_EDIT_STATIC = ("vocab_size", "alpha_max", "op_probs", "num_special", "pad_id")
+_EDIT_STATIC = ("vocab_size", "window", "alpha_max", "op_probs", "num_special")
 
 
 @functools.partial(jax.jit, static_argnames=("mask_id",))
@@ -43,28 +72,46 @@ def mask_corrupt(
   return noisy_BxL, is_masked_BxL
 
 
+class EditOps(NamedTuple):
+  """The sampled operations: one slot per window, in the order they were drawn.
+
+  Slots are grouped by segment (in row order) and, within a segment, listed in the
+  random order in which its windows were taken; the active ones come first. Indices
+  are row indices; inactive slots hold NO_OP and -1.
+  """
+
+  kind: jax.Array  # i32[..., L] NO_OP, SUB, DEL_INS or INS_DEL
+  p: jax.Array  # i32[..., L] SUB: substituted; DEL_INS: deleted; INS_DEL: inserted at
+  q: jax.Array  # i32[..., L] SUB: = p; DEL_INS: inserted at; INS_DEL: deleted (p < q)
+  token: jax.Array  # i32[..., L] the new (substituted or inserted) token
+
+
 class EditResult(NamedTuple):
   """Output of edit_corrupt; leading batch dims are added by vmap."""
 
-  tokens: jax.Array  # int[..., L] x_t, pad_id from `length` on
-  length: jax.Array  # i32[...] length of x_t after truncation to L
-  touched: jax.Array  # bool[..., L] output positions holding a substituted or inserted token
-  num_sub: jax.Array  # i32[...]
-  num_del: jax.Array  # i32[...]
-  num_ins: jax.Array  # i32[...]
-  length_before_truncation: jax.Array  # i32[...] length + num_ins - num_del
+  tokens: jax.Array  # int[..., L] x_t; same segment ids and positions as x0
+  changed: jax.Array  # bool[..., L] valid positions where x_t != x0
+  num_sub: jax.Array  # i32[...] substitutions (cost 1 each)
+  num_del_ins: jax.Array  # i32[...] del-ins pairs (cost 2 each)
+  num_ins_del: jax.Array  # i32[...] ins-del pairs (cost 2 each)
+  num_edits: jax.Array  # i32[...] num_sub + 2 * pairs = sum over segments of k_doc
+  ops: EditOps  # what was applied, for tests and inspection
 
 
-def _check_edit_args(
-    vocab_size: int, alpha_max: float, op_probs: tuple[float, float, float], num_special: int
-) -> None:
+def _check_edit_args(vocab_size: int, window: int, alpha_max: float,
+                     op_probs: tuple[float, float, float], num_special: int) -> None:
   if vocab_size - num_special < 2:
     raise ValueError(
         f"Need >= 2 real tokens to substitute, got vocab_size={vocab_size}, "
         f"num_special={num_special}."
     )
-  if not 0.0 <= alpha_max < 1.0:
-    raise ValueError(f"alpha_max must be in [0, 1) (the paper uses <= 0.1), got {alpha_max}.")
+  if not (isinstance(window, int) and window >= 0):
+    raise ValueError(f"window (w, tokens a pair may shift) must be an int >= 0, got {window!r}.")
+  if not 0.0 <= alpha_max * (window + 1) <= 1.0:
+    raise ValueError(
+        f"Need 0 <= alpha_max <= 1 / (window + 1) so that every segment has a window for "
+        f"each of its floor(len * alpha) operations; got alpha_max={alpha_max}, "
+        f"window={window} (the paper uses alpha_max <= 0.1: window <= 9).")
   if len(op_probs) != 3 or min(op_probs) < 0 or sum(op_probs) <= 0:
     raise ValueError(
         f"op_probs = (sub, del, ins) must be 3 non-negative weights, not all 0; got {op_probs}."
@@ -76,113 +123,121 @@ def _below(bits: jax.Array, n: jax.Array | int) -> jax.Array:
   return (bits % jnp.asarray(n, jnp.uint32)).astype(jnp.int32)
 
 
+def _previous(x_L: jax.Array) -> jax.Array:
+  """x[i - 1], with x[0] at i = 0."""
+  return jnp.concatenate([x_L[:1], x_L[:-1]])
+
+
 @functools.partial(jax.jit, static_argnames=_EDIT_STATIC)
 def edit_corrupt(
     key: jax.Array,
     tokens_L: jax.Array,
-    length: jax.Array,
+    segment_ids_L: jax.Array,
+    positions_L: jax.Array,
     alpha: jax.Array,
     *,
     vocab_size: int,
+    window: int = 4,
     alpha_max: float = 0.1,
     op_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
     num_special: int = NUM_SPECIAL,
-    pad_id: int = PAD_ID,
 ) -> EditResult:
-  """Applies k = floor(length * alpha) random edits to tokens_L[:length] (one sequence).
+  """Edits each segment of one packed row with k_doc = floor(len_doc * alpha) cost.
 
-  The buffer holds K = floor(L * alpha_max) op slots (static); slots j >= k are
-  inactive, and alpha > alpha_max is clipped to K edits. Each op is a substitution,
-  deletion or insertion with probabilities op_probs (weights, normalised here).
-
-  All `length` tokens are editable, BOS/EOS included: a packed training row is one
-  sequence and the position-aligned loss then teaches the model to restore document
-  boundaries too. Random tokens come from the real vocabulary
-  [num_special, vocab_size) only, and a substitution always changes its token.
-
-  Positions: substitutions and deletions take distinct original tokens (the first
-  entries of a random permutation of [0, length)), so every such op changes its own
-  token and the counts are exact (two ops on one token would count twice but act
-  once). An insertion goes into one of the length + 1 gaps, uniformly, including
-  after the last token; several insertions may share a gap, each adds its own token.
-  The output is x0 with these edits applied in one stable sort: original i is keyed
-  2i + 1, an insertion before original g is keyed 2g, deleted and padding entries are
-  keyed past the end; then the result is truncated to L and padded with pad_id.
+  segment_ids_L: 0 = padding (never touched), 1, 2, ... = contiguous documents;
+  positions_L: the row's positions, consecutive within a segment (windows are
+  `positions // (window + 1)`). alpha is clipped to [0, alpha_max]; alpha_max <=
+  1 / (window + 1) makes every k_doc exact. op_probs: weights of SUB, DEL_INS, INS_DEL.
   """
-  _check_edit_args(vocab_size, alpha_max, op_probs, num_special)
+  _check_edit_args(vocab_size, window, alpha_max, op_probs, num_special)
   (seq_len,) = tokens_L.shape
-  k_max = math.floor(seq_len * alpha_max)
-  length = jnp.clip(jnp.asarray(length, jnp.int32), 0, seq_len)
-  num_ops = jnp.clip(jnp.floor(length * alpha).astype(jnp.int32), 0, k_max)
+  idx_L = jnp.arange(seq_len)
+  valid_L = segment_ids_L > 0
+  segment_ids_L = segment_ids_L.astype(jnp.int32)
+  window_L = positions_L.astype(jnp.int32) // (window + 1)
+  seg_edge_L = valid_L & ((idx_L == 0) | (segment_ids_L != _previous(segment_ids_L)))
+  win_edge_L = seg_edge_L | (valid_L & (window_L != _previous(window_L)))
+  # Segments and windows are named by the row index of their first token ("start").
+  seg_start_L = jax.lax.cummax(jnp.where(seg_edge_L, idx_L, 0))
+  win_start_L = jax.lax.cummax(jnp.where(win_edge_L, idx_L, 0))
+  seg_len_S = jnp.zeros(seq_len, jnp.int32).at[seg_start_L].add(valid_L.astype(jnp.int32))
+  win_len_S = jnp.zeros(seq_len, jnp.int32).at[win_start_L].add(valid_L.astype(jnp.int32))
+  # Below, index S is a row index read only where a window starts.
+  alpha = jnp.clip(jnp.asarray(alpha, jnp.float32), 0.0, alpha_max)
+  budget_S = jnp.floor(seg_len_S[seg_start_L].astype(jnp.float32) * alpha).astype(jnp.int32)
+
   # One draw of random bits for everything (each threefry call costs compile time).
-  bits_M = jax.random.bits(key, (seq_len + 4 * k_max,), jnp.uint32)  # M = L + 4K
-  score_bits_L, op_bits_K, gap_bits_K, sub_bits_K, ins_bits_K = jnp.split(
-      bits_M, [seq_len + j * k_max for j in range(4)]
-  )
+  order_bits_S, kind_bits_S, a_bits_S, b_bits_S, token_bits_S = jnp.moveaxis(
+      jax.random.bits(key, (seq_len, 5), jnp.uint32), -1, 0)
+  # Requested kind: categorical(op_probs) from 24 bits, exact integer thresholds.
+  total = sum(op_probs)
+  thresholds = [math.floor(sum(op_probs[:j]) / total * 2**24) for j in (1, 2)]
+  r_S = (kind_bits_S >> 8).astype(jnp.int32)
+  want_S = (r_S >= thresholds[0]).astype(jnp.int32) + (r_S >= thresholds[1])
+  want_S = jnp.where(win_len_S >= 2, want_S, SUB)
 
-  active_K = jnp.arange(k_max) < num_ops
-  u_K = (op_bits_K >> 8).astype(jnp.float32) / 2**24 * sum(op_probs)  # U[0, sum(op_probs))
-  op_K = (u_K >= op_probs[SUB]).astype(jnp.int32) + (u_K >= op_probs[SUB] + op_probs[DEL])
-  is_sub_K = active_K & (op_K == SUB)
-  is_del_K = active_K & (op_K == DEL)
-  is_ins_K = active_K & (op_K == INS)
+  # Windows in a random order per segment: sort by (segment, random bits); slot J.
+  seg_key_S = jnp.where(win_edge_L, seg_start_L, seq_len)
+  seg_key_J, _, start_J = jax.lax.sort((seg_key_S, order_bits_S, idx_L), num_keys=2)
+  first_J = jax.lax.cummax(jnp.where(
+      (idx_L == 0) | (seg_key_J != _previous(seg_key_J)), idx_L, 0))  # segment's first slot
+  want_J, budget_J = want_S[start_J], budget_S[start_J]
+  cost_J = jnp.where(want_J == SUB, 1, 2)
+  spent_J = jnp.cumsum(cost_J) - cost_J  # cost of the slots before, across segments
+  spent_J = spent_J - spent_J[first_J]  # ... within the segment
+  active_J = win_edge_L[start_J] & (spent_J < budget_J)
+  overshoot_J = spent_J + cost_J > budget_J  # one short of the budget: a substitution
+  kind_J = jnp.where(active_J, jnp.where(overshoot_J, SUB, want_J), NO_OP)
+  kind_S = jnp.full(seq_len, NO_OP, jnp.int32).at[start_J].set(kind_J)
 
-  in_seq_L = jnp.arange(seq_len) < length
-  score_L = jnp.where(in_seq_L, (score_bits_L >> 1).astype(jnp.int32), -1)
-  _, perm_K = jax.lax.top_k(score_L, k_max)  # k_max distinct positions, random order
-  rank_K = jnp.cumsum(is_sub_K | is_del_K) - 1  # j-th sub/del op takes perm_K[j]
-  pos_K = perm_K[jnp.maximum(rank_K, 0)]
-  sub_idx_K = jnp.where(is_sub_K, pos_K, seq_len)  # seq_len: dropped by the scatters
-  del_idx_K = jnp.where(is_del_K, pos_K, seq_len)
-
-  # Uniform over the real vocabulary minus the original token.
+  # Offsets in the window: a uniform; pairs take {a, b} uniform among distinct pairs.
+  a_S = _below(a_bits_S, jnp.maximum(win_len_S, 1))
+  b_S = _below(b_bits_S, jnp.maximum(win_len_S - 1, 1))
+  b_S = b_S + (b_S >= a_S)
+  is_sub_S = kind_S == SUB
+  p_S = idx_L + jnp.where(is_sub_S, a_S, jnp.minimum(a_S, b_S))
+  q_S = jnp.where(is_sub_S, p_S, idx_L + jnp.maximum(a_S, b_S))
+  # New tokens from the real vocabulary; a substitution draws among the others.
   num_real = vocab_size - num_special
-  orig_K = tokens_L[pos_K].astype(jnp.int32)
-  orig_real_K = (orig_K >= num_special) & (orig_K < vocab_size)
-  draw_K = _below(sub_bits_K, num_real - orig_real_K.astype(jnp.int32))
-  sub_tok_K = num_special + jnp.where(
-      orig_real_K, (orig_K - num_special + 1 + draw_K) % num_real, draw_K
-  )
-  ins_tok_K = num_special + _below(ins_bits_K, num_real)
-  gap_K = _below(gap_bits_K, length + 1)
+  orig_S = tokens_L[jnp.minimum(p_S, seq_len - 1)].astype(jnp.int32)
+  orig_real_S = (orig_S >= num_special) & (orig_S < vocab_size)
+  sub_draw_S = _below(token_bits_S, num_real - orig_real_S.astype(jnp.int32))
+  sub_token_S = jnp.where(orig_real_S, (orig_S - num_special + 1 + sub_draw_S) % num_real,
+                          sub_draw_S)
+  token_S = num_special + jnp.where(is_sub_S, sub_token_S, _below(token_bits_S, num_real))
 
-  edited_L = tokens_L.at[sub_idx_K].set(sub_tok_K.astype(tokens_L.dtype), mode="drop")
-  subbed_L = jnp.zeros(seq_len, bool).at[sub_idx_K].set(True, mode="drop")
-  deleted_L = jnp.zeros(seq_len, bool).at[del_idx_K].set(True, mode="drop")
-  past_end = 2 * seq_len + 2
-  orig_key_L = jnp.where(in_seq_L & ~deleted_L, 2 * jnp.arange(seq_len) + 1, past_end)
-  ins_key_K = jnp.where(is_ins_K, 2 * gap_K, past_end)
-  _, merged_M, touched_M = jax.lax.sort(  # M = L + K
-      (
-          jnp.concatenate([orig_key_L, ins_key_K]),
-          jnp.concatenate([edited_L, ins_tok_K.astype(tokens_L.dtype)]),
-          jnp.concatenate([subbed_L, is_ins_K]),
-      ),
-      num_keys=1,
-      is_stable=True,
-  )
+  # Each position reads its window's op: a new token, or x0 one to the left / right.
+  kind_L, p_L, q_L = kind_S[win_start_L], p_S[win_start_L], q_S[win_start_L]
+  kind_L = jnp.where(valid_L, kind_L, NO_OP)
+  is_new_L = (((kind_L == SUB) | (kind_L == INS_DEL)) & (idx_L == p_L)) | (
+      (kind_L == DEL_INS) & (idx_L == q_L))
+  in_span_L = (p_L <= idx_L) & (idx_L <= q_L)
+  shift_L = in_span_L * ((kind_L == DEL_INS).astype(jnp.int32) - (kind_L == INS_DEL))
+  source_L = jnp.clip(idx_L + shift_L, 0, seq_len - 1)
+  noisy_L = jnp.where(is_new_L, token_S[win_start_L].astype(tokens_L.dtype), tokens_L[source_L])
 
-  num_sub, num_del, num_ins = (x.sum(dtype=jnp.int32) for x in (is_sub_K, is_del_K, is_ins_K))
-  length_before_truncation = length + num_ins - num_del
-  new_length = jnp.minimum(length_before_truncation, seq_len)
-  keep_L = jnp.arange(seq_len) < new_length
+  num_sub, num_del_ins, num_ins_del = (
+      (kind_J == op).sum(dtype=jnp.int32) for op in (SUB, DEL_INS, INS_DEL))
+  start_or_none_J = lambda x_S: jnp.where(active_J, x_S[start_J], -1)
   return EditResult(
-      tokens=jnp.where(keep_L, merged_M[:seq_len], jnp.asarray(pad_id, tokens_L.dtype)),
-      length=new_length,
-      touched=keep_L & touched_M[:seq_len],
+      tokens=noisy_L,
+      changed=valid_L & (noisy_L != tokens_L),
       num_sub=num_sub,
-      num_del=num_del,
-      num_ins=num_ins,
-      length_before_truncation=length_before_truncation,
+      num_del_ins=num_del_ins,
+      num_ins_del=num_ins_del,
+      num_edits=num_sub + 2 * (num_del_ins + num_ins_del),
+      ops=EditOps(kind=kind_J, p=start_or_none_J(p_S), q=start_or_none_J(q_S),
+                  token=start_or_none_J(token_S)),
   )
 
 
 @functools.partial(jax.jit, static_argnames=_EDIT_STATIC)
 def edit_corrupt_batch(
-    key: jax.Array, tokens_BxL: jax.Array, lengths_B: jax.Array, alpha_B: jax.Array, **kwargs
+    key: jax.Array, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array,
+    positions_BxL: jax.Array, alpha_B: jax.Array, **kwargs
 ) -> EditResult:
   """edit_corrupt over a batch, one key per row split from `key`; kwargs as there."""
   keys_B = jax.random.split(key, tokens_BxL.shape[0])
   return jax.vmap(functools.partial(edit_corrupt, **kwargs))(
-      keys_B, tokens_BxL, lengths_B, alpha_B
+      keys_B, tokens_BxL, segment_ids_BxL, positions_BxL, alpha_B
   )

@@ -21,8 +21,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from sdiff_jax import checkpointing, config_lib, sampling, sharding
-from sdiff_jax.objective import Objective
 from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.objective import Objective
 
 MASK_CHAR = "\u2591"  # one per still-masked token in trajectory frames
 NEWLINE_CHAR = "\u21b5"  # newlines inside a frame

@@ -1,7 +1,8 @@
 """Training objectives, all reported in bits per token.
 
 * masked-diffusion ELBO: sum over masked positions of (gamma'/gamma) * NLL;
-* edit term: -log p(x0 | x_t) at every real position, aligned to x0;
+* edit term: -log p(x0 | x_t) at every real position, aligned to x0, next to its
+  copy baseline (the bits of predicting the input token itself);
 * next-token loss for the autoregressive (`causal`) baseline.
 
 The model predicts every position (no carry-over of unmasked tokens); the MASK
@@ -41,6 +42,25 @@ def masked_diffusion_bits(nll_BxL: jax.Array, is_masked_BxL: jax.Array,
 def mean_bits(nll_BxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
   """Mean NLL over the valid positions, bits/token (edit term, AR loss)."""
   return _per_token_bits(jnp.where(valid_BxL, nll_BxL, 0.0).sum(), valid_BxL.sum())
+
+
+def copy_baseline_bits(inputs_BxL: jax.Array, targets_BxL: jax.Array, valid_BxL: jax.Array,
+                       num_real: int) -> tuple[jax.Array, jax.Array]:
+  """(copy-baseline bits/token, kept fraction f) of a corrupted batch.
+
+  f is the fraction of valid positions whose input equals the target. The copy
+  baseline is the best predictor that reads only the input token at its position:
+  it says "the input token" with probability f and spreads 1 - f uniformly over the
+  other num_real - 1 real tokens, which costs
+      -[f log2 f + (1 - f) log2((1 - f) / (num_real - 1))]  bits per valid position
+  (f, the empirical fraction, minimises this cross-entropy; 0 log 0 = 0). A model that
+  corrects edits must get below it.
+  """
+  count = jnp.maximum(valid_BxL.sum(), 1)
+  f = (valid_BxL & (inputs_BxL == targets_BxL)).sum() / count
+  nats = -(jax.scipy.special.xlogy(f, f)
+           + jax.scipy.special.xlogy(1.0 - f, (1.0 - f) / (num_real - 1)))
+  return nats / LN2, f
 
 
 def next_token_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array

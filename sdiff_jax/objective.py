@@ -87,19 +87,23 @@ class Objective:
                    mask_rate=is_masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1))
     loss = mask_bits
     if with_edit:
-      # A packed row is edited as one sequence of its real tokens; the model
-      # sees the edited row at the clean row's positions and segments and must
-      # restore x0 at every position (no carry-over).
+      # Each document of a row is edited on its own, length-preserving, with local
+      # del-ins / ins-del pairs (see corruption.py): the model reads the edited row at
+      # the row's own segments and positions and predicts x0 at every valid position.
       s_B = schedules.sample_times(edit_time_key, tokens_BxL.shape[0], eps=d.time_eps,
                                    antithetic=d.antithetic)
       edited = corruption.edit_corrupt_batch(
-          edit_key, tokens_BxL, valid_BxL.sum(axis=1), self.alpha.alpha(s_B),
-          vocab_size=self.model_cfg.vocab_size, alpha_max=d.alpha_max,
+          edit_key, tokens_BxL, seg_BxL, batch["positions"], self.alpha.alpha(s_B),
+          vocab_size=self.model_cfg.vocab_size, window=d.edit_window, alpha_max=d.alpha_max,
           op_probs=tuple(d.edit_op_probs))
       edit_nll_BxL = losses.token_nll(self.logits(params, edited.tokens, batch), tokens_BxL,
                                       tokenizer_lib.MASK_ID)
       edit_bits = losses.mean_bits(edit_nll_BxL, valid_BxL)
+      copy_bits, kept_fraction = losses.copy_baseline_bits(
+          edited.tokens, tokens_BxL, valid_BxL,
+          self.model_cfg.vocab_size - tokenizer_lib.NUM_SPECIAL)
       loss = loss + self.config.curriculum.edit_weight * edit_bits
-      metrics["edit_bits"] = edit_bits
+      metrics.update(edit_bits=edit_bits, edit_copy_bits=copy_bits,
+                     edit_kept_fraction=kept_fraction)
     metrics["loss"] = loss
     return loss, metrics

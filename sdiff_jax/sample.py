@@ -29,8 +29,13 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generat
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling key; the same seed gives the same output.")
 _SELF_CORRECTION = flags.DEFINE_bool(
     "self_correction", False, "Rewrite committed tokens the model replaces with high confidence.")
-_CACHE_MODE = flags.DEFINE_enum("cache_mode", "approx", sampling.CACHE_MODES,
-                                "Bidirectional models: K/V of finished blocks.")
+_CACHE_MODE = flags.DEFINE_enum(
+    "cache_mode", "fold", sampling.CACHE_MODES,
+    "Bidirectional models: K/V of finished blocks (fold: rewritten in the next block's first "
+    "forward; recompute: one more forward a block; last_forward: the old approx, for measuring).")
+_SUFFIX_MASK = flags.DEFINE_bool(
+    "suffix_mask", False,
+    "Bidirectional models: every forward also sees the rest of the generation as MASK.")
 _SHOW_TRAJECTORY = flags.DEFINE_bool("show_trajectory", False,
                                      "Print each block's state after every denoising step.")
 flags.mark_flag_as_required("workdir")
@@ -52,7 +57,8 @@ def main(argv):
     overrides = dict(
         steps_per_block=_STEPS_PER_BLOCK.value, threshold=_THRESHOLD.value,
         temperature=_TEMPERATURE.value, top_p=_TOP_P.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-        self_correction=_SELF_CORRECTION.value, cache_mode=_CACHE_MODE.value)
+        self_correction=_SELF_CORRECTION.value, cache_mode=_CACHE_MODE.value,
+        suffix_mask=_SUFFIX_MASK.value)
     if _BLOCK_SIZE.value:
       overrides["block_size"] = _BLOCK_SIZE.value
     texts, stats = inference.complete(loaded, prompts, seed=_SEED.value, **overrides)

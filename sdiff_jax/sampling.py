@@ -3,9 +3,11 @@
 Shapes: B batch, P prompt, G generated, N buffer (J blocks of K), S cache slots, T forward, V vocab.
 
 Both decode a batch of prompts inside one compiled `lax.while_loop`, with an
-explicit KV cache of `P + N` slots (P: padded prompt length, N: generation
-buffer). Prompts are left-padded so that every row writes at the same slot; a
-row's positions are `slot - pad` and the attention masks hide its pad slots.
+explicit KV cache (P: padded prompt length, N: generation buffer, plus scratch
+slots below). Prompts are left-padded so that every row writes at the same
+slot; a row's positions are `slot - pad` and the attention masks hide its pad
+slots. A forward's tokens see the row's slots before the forward's first
+position, the input tokens its grant matrix allows (`_visible`), and themselves.
 
 Block sampler (`bidirectional` and `block_causal` models): prefill the prompt
 once; each block of `block_size` tokens starts all-MASK and takes at most
@@ -16,17 +18,46 @@ share `ceil(remaining / steps_left)` that finishes the block on time, or, with
 of the block that the model now replaces with confidence above
 `correction_threshold` are rewritten. Positions after a committed EOS are not
 needed; a row ends with its first EOS and the loop when every row has ended.
-A final block's keys/values then stay in the cache:
 
-* `block_causal`: one forward of the final block with a token-causal mask
-  writes its clean K/V, exactly as training sees the clean stream;
-* `bidirectional`, `cache_mode="approx"` (the paper): the K/V of the row's
-  last denoising forward of the block; `cache_mode="recompute"`: one forward
-  of the final block rewrites them.
+Keys/values of a finished block, as later blocks read them:
 
-`block_size=1` with `cache_mode="recompute"` decodes a `bidirectional` model
-token by token (two forwards a token). AR (`causal`): prefill, then one token
-per forward, with the same masks, sampling, EOS and cache code.
+* `block_causal` (exact, whatever `cache_mode`): one forward of the final block
+  j-1 with a token-causal mask, before block j, writes its clean K/V exactly as
+  training sees the clean stream.
+* `bidirectional`, `cache_mode="fold"` (default): the first denoising forward
+  of block j > 0 takes 2K tokens, [final tokens of block j-1 ; block j], as the
+  contiguous positions [start-K, start+K): it rewrites block j-1's slots with
+  K/V computed from its final tokens and denoises block j in the same forward.
+  Mask (block-causal between the halves): the block j-1 half sees the cache
+  before it and itself, not block j; the block j half sees the cache before it,
+  the block j-1 half and itself. Block j-1's K/V are then exactly those that
+  `recompute` writes and block j's logits those of recompute's first forward:
+  the same tokens as `recompute` at the NFE of `last_forward` (NFE counts
+  forwards, not tokens). Every committed token is an input of a later forward,
+  except the last block's, whose K/V nothing reads (no forward at the end).
+  Other steps of block j write to the block's own slots.
+* `cache_mode="recompute"`: the same K/V from a separate forward of the final
+  block j-1 before block j (the reference: one more forward per block).
+* `cache_mode="last_forward"`: the paper's approximation, the old `approx`,
+  kept only to measure against: a row's block keeps the K/V of its own last
+  denoising forward (written to K scratch slots after the buffer, copied to the
+  block for the rows that denoised). The ceil(K / steps) tokens that forward
+  committed are never an input of any forward: later blocks see MASK there.
+
+`suffix_mask` (bidirectional only): every forward also takes the rest of the
+generation as MASK tokens, LLaDA-style, since a model trained on whole
+sequences never saw a block at the right edge of its input. Static shapes: the
+prefill appends N MASK (positions P..P+N), every other forward N - K after its
+own tokens; all the forward's tokens see every one of its tokens (so fold's
+block j-1 half also sees block j, all MASK at that step, as recompute's rewrite
+then sees the suffix), except suffix keys at or past position P +
+`max_new_tokens`, which nobody sees. The suffix's K/V go to slots nobody reads
+before they are rewritten: later blocks' slots and N - K more slots at the end.
+
+`block_size=1` with `cache_mode="fold"` decodes a `bidirectional` model token by
+token in one 2-token forward a token (`recompute`: two forwards a token). AR
+(`causal`): prefill, then one token per forward, with the same masks, sampling,
+EOS and cache code.
 """
 
 import dataclasses
@@ -50,7 +81,7 @@ PAD, BOS, EOS, MASK = (
   tokenizer_lib.EOS_ID,
   tokenizer_lib.MASK_ID,
 )
-CACHE_MODES = ("approx", "recompute")
+CACHE_MODES = ("fold", "recompute", "last_forward")  # see the module docstring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +97,8 @@ class Settings:
   top_p: float = 1.0
   self_correction: bool = False
   correction_threshold: float = 0.9
-  cache_mode: str = "approx"  # bidirectional models: "approx" (paper) or "recompute"
+  cache_mode: str = "fold"  # bidirectional models: one of CACHE_MODES
+  suffix_mask: bool = False  # bidirectional models: forwards also see the rest as MASK
   suppress_eos: bool = False  # rows never end (benchmarks: every row generates max_new_tokens)
 
   def validate(self) -> None:
@@ -85,6 +117,11 @@ class Settings:
       ("temperature", self.temperature >= 0.0, "must not be negative"),
       ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
       ("correction_threshold", 0.0 <= self.correction_threshold <= 1.0, "must be in [0, 1]"),
+      (
+        "suffix_mask",
+        not self.suffix_mask or self.attention == "bidirectional",
+        "needs attention='bidirectional'",
+      ),
     )
     for name, ok, why in checks:
       if not ok:
@@ -163,6 +200,34 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- shared helpers
 
 
+def _visible(
+  sizes: Sequence[int],
+  start: jax.Array | int = 0,
+  *,
+  causal: bool = False,
+  suffix: int = 0,
+  end: jax.Array | int = 0,
+) -> jax.Array:
+  """Grant matrix [T, T] (query, key) of an input made of parts of `sizes` tokens.
+
+  A part's tokens see their own part and the parts before it (with `causal`, only
+  tokens up to themselves). With a MASK suffix of `suffix` tokens after the parts
+  (the input's first token at sequence slot `start`), every token sees every part
+  and the suffix tokens before slot `end` (no `causal` then: block_causal has no suffix).
+  """
+  assert not (causal and suffix), "a MASK suffix is for bidirectional models"
+  group_T = np.repeat(np.arange(len(sizes)), sizes)
+  t_T = np.arange(group_T.size)
+  grant_TxT = group_T[None, :] <= group_T[:, None]
+  if causal:
+    grant_TxT &= t_T[None, :] <= t_T[:, None]
+  if not suffix:
+    return jnp.asarray(grant_TxT)
+  total = group_T.size + suffix
+  key_T = (jnp.arange(total) < group_T.size) | (start + jnp.arange(total) < end)
+  return jnp.broadcast_to(key_T[None, :], (total, total))
+
+
 def _forward(
   decoder: Decoder,
   params,
@@ -171,24 +236,25 @@ def _forward(
   cache: KVCache,
   tokens_BxT: jax.Array,
   start: jax.Array,
-  causal: bool,
+  visible_TxT: jax.Array,
   write_at: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Runs `tokens` as positions [start, start+T) of the sequence.
 
-  Their K/V go to cache slots [write_at, write_at+T) (default: `start`); they see the
-  row's non-pad slots before `start` and their own slots, up to themselves if `causal`.
+  Their K/V go to cache slots [write_at, write_at+T) (default: `start`). A token sees
+  the row's non-pad slots before `start`, the slots of the input tokens that
+  `visible_TxT` grants it (see `_visible`), and its own slot.
   """
   length = tokens_BxT.shape[1]
   write_at = start if write_at is None else write_at
+  offset_S = jnp.arange(num_slots) - write_at  # index in the input of the token at the slot
+  granted_TxS = jnp.take(visible_TxT, jnp.clip(offset_S, 0, length - 1), axis=1) & (
+    (offset_S >= 0) & (offset_S < length)
+  )
   slot_S = jnp.arange(num_slots)
-  offset_TxS = slot_S[None, :] - write_at - jnp.arange(length)[:, None]  # 0: the query's slot
-  own_TxS = (slot_S >= write_at) & (slot_S < write_at + length)
-  if causal:
-    own_TxS &= offset_TxS <= 0
-  mask_BxTxS = ((slot_S < start) | own_TxS)[None] & (slot_S >= pad_B[:, None, None]) | (
-    offset_TxS == 0
-  )[None]  # a pad query sees itself: no empty rows
+  mask_BxTxS = ((slot_S < start)[None, :] | granted_TxS)[None] & (
+    slot_S >= pad_B[:, None, None]
+  ) | (offset_S[None, :] == jnp.arange(length)[:, None])[None]  # a pad query sees itself
   positions_BxT = jnp.maximum(start + jnp.arange(length)[None, :] - pad_B[:, None], 0)
   return decoder.apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, write_at)
 
@@ -303,7 +369,7 @@ class BlockLoopState:
   """Carry of the loop over blocks: `_generate_block` appends block `block` to the buffer."""
 
   block: jax.Array  # int32[]: index of the next block
-  cache: KVCache  # prompt and finished blocks (exact or approximate, see the module docstring)
+  cache: KVCache  # prompt and finished blocks (see the module docstring)
   tokens_BxN: jax.Array  # int32: the finished blocks, MASK after them
   commit_BxN: jax.Array  # int32: the step within its block that set each token, -1: none
   ended_B: jax.Array  # bool: the row has an EOS in a finished block
@@ -319,8 +385,42 @@ class StepLoopState:
   block_BxK: jax.Array  # int32: the block's tokens, MASK where none is committed
   commit_BxK: jax.Array  # int32: the step that set each token, -1: none
   cache: KVCache
-  pending_B: jax.Array  # bool: the row's last forward denoised: its scratch K/V go to the block
+  # bool: the row's last forward denoised: its scratch K/V go to the block (`last_forward`)
+  pending_B: jax.Array
   nfe: jax.Array  # int32[]: forward passes so far, prefill included
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What every forward of one block generation shares (Python values, fixed at trace time)."""
+
+  forward: Any  # `_forward` with the decoder, parameters, pads and slot count bound
+  s: Settings
+  mode: str  # "exact" (block_causal), or the bidirectional cache_mode
+  prompt_len: int
+  suffix: int  # MASK tokens appended to every forward but the prefill (0: none)
+  end: int  # slot of the first position past max_new_tokens
+  scratch: int | None  # `last_forward`: first of the scratch slots
+
+  def run(
+    self,
+    cache: KVCache,
+    parts: Sequence[jax.Array],
+    start: jax.Array,
+    *,
+    causal: bool = False,
+    write_at: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache]:
+    """One forward of `parts` (int32[B, T_i] each) at consecutive positions from `start`,
+    then the MASK suffix; the logits of the parts, [B, sum T_i, V], and the cache."""
+    batch = parts[0].shape[0]
+    tokens_BxT = jnp.concatenate(
+      list(parts) + [jnp.full((batch, self.suffix), MASK, jnp.int32)], axis=1
+    )
+    sizes = [p.shape[1] for p in parts]
+    visible_TxT = _visible(sizes, start, causal=causal, suffix=self.suffix, end=self.end)
+    logits_BxTxV, cache = self.forward(cache, tokens_BxT, start, visible_TxT, write_at)
+    return logits_BxTxV[:, : sum(sizes)], cache
 
 
 def _block_generate(
@@ -330,30 +430,35 @@ def _block_generate(
   batch, prompt_len = prompt_BxP.shape
   size = s.block_size
   num_blocks = math.ceil(s.max_new_tokens / size)
-  exact = s.attention == "block_causal"
-  recommit = exact or s.cache_mode == "recompute"  # one more forward of each final block
-  # Without it, denoising forwards write to `size` scratch slots at the end, copied to
+  buffer = num_blocks * size
+  mode = "exact" if s.attention == "block_causal" else s.cache_mode
+  suffix = buffer - size if s.suffix_mask else 0
+  # Slots: prompt, buffer, then room for the suffix of the last block's forwards and, for
+  # `last_forward`, `size` scratch slots that its denoising forwards write to, copied to
   # the block's slots for the rows that denoised: a row keeps the K/V of its own last
   # denoising forward, whatever the other rows of the batch still do.
-  num_slots = prompt_len + (num_blocks + (not recommit)) * size
-  scratch = None if recommit else num_slots - size
+  scratch = prompt_len + buffer if mode == "last_forward" else None
+  num_slots = prompt_len + buffer + suffix + (size if scratch is not None else 0)
   forward = functools.partial(_forward, decoder, params, pad_B, num_slots)
+  end = prompt_len + s.max_new_tokens
+  plan = _Plan(forward, s, mode, prompt_len, suffix, end, scratch)
 
-  _, cache = forward(decoder.init_cache(batch, num_slots), prompt_BxP, 0, causal=exact)
+  prefill = dataclasses.replace(plan, suffix=buffer if s.suffix_mask else 0)
+  _, cache = prefill.run(
+    decoder.init_cache(batch, num_slots), [prompt_BxP], 0, causal=mode == "exact"
+  )
   init = BlockLoopState(
     block=jnp.int32(0),
     cache=cache,
-    tokens_BxN=jnp.full((batch, num_blocks * size), MASK, jnp.int32),
-    commit_BxN=jnp.full((batch, num_blocks * size), -1, jnp.int32),
+    tokens_BxN=jnp.full((batch, buffer), MASK, jnp.int32),
+    commit_BxN=jnp.full((batch, buffer), -1, jnp.int32),
     ended_B=jnp.zeros((batch,), bool),
     nfe=jnp.int32(1),
     block_steps_J=jnp.zeros((num_blocks,), jnp.int32),
   )
   final = jax.lax.while_loop(
     lambda state: (state.block < num_blocks) & ~jnp.all(state.ended_B),
-    functools.partial(
-      _generate_block, forward=forward, s=s, key=key, prompt_len=prompt_len, scratch=scratch
-    ),
+    functools.partial(_generate_block, plan=plan, key=key),
     init,
   )
   return _finish(
@@ -361,38 +466,35 @@ def _block_generate(
   )
 
 
-def _generate_block(
-  state: BlockLoopState,
-  *,
-  forward,
-  s: Settings,
-  key: jax.Array,
-  prompt_len: int,
-  scratch: int | None,
-) -> BlockLoopState:
+def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> BlockLoopState:
   """Denoises block `state.block` (cache slots [start, start+K)) and appends it.
 
-  Without scratch slots, one forward first rewrites the K/V of the previous block from its
-  final tokens (token-causal for `block_causal`).
+  `exact` and `recompute` first rewrite the K/V of the final block j-1 with one forward
+  (token-causal if `exact`); `fold` does it in the block's first denoising forward.
   """
+  s = plan.s
   size = s.block_size
-  exact = s.attention == "block_causal"
   j, cache, nfe = state.block, state.cache, state.nfe
   batch = state.ended_B.shape[0]
-  start = prompt_len + j * size
-  if scratch is None:
+  start = plan.prompt_len + j * size
+  previous_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxN, (j - 1) * size, size, axis=1)
+  if plan.mode in ("exact", "recompute"):
 
     def rewrite(cache):
-      """Rewrites the K/V of the final block j-1 (token-causal if `exact`)."""
-      previous_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxN, (j - 1) * size, size, axis=1)
-      return forward(cache, previous_BxK, start - size, causal=exact)[1]
+      return plan.run(cache, [previous_BxK], start - size, causal=plan.mode == "exact")[1]
 
     cache = jax.lax.cond(j > 0, rewrite, lambda c: c, cache)
     nfe = nfe + (j > 0)
   valid_K = j * size + jnp.arange(size) < s.max_new_tokens
   active_B = ~state.ended_B
+  # a key per (block, step): the same draws whatever forwards the cache mode adds
+  block_key = jax.random.fold_in(key, j)
+  step = functools.partial(_denoise_step, s=s, key=block_key, active_B=active_B, valid_K=valid_K)
 
-  init = StepLoopState(
+  def denoise_forward(cache, block_BxK):
+    return plan.run(cache, [block_BxK], start, write_at=plan.scratch)
+
+  state_of_block = StepLoopState(
     step=jnp.int32(0),
     block_BxK=jnp.full((batch, size), MASK, jnp.int32),
     commit_BxK=jnp.full((batch, size), -1, jnp.int32),
@@ -400,23 +502,25 @@ def _generate_block(
     pending_B=jnp.zeros((batch,), bool),
     nfe=nfe,
   )
+  if plan.mode == "fold":  # step 0 always runs: an active row needs the block's first token
+
+    def fold_forward(cache, block_BxK):
+      def fold(cache):
+        logits_BxTxV, cache = plan.run(cache, [previous_BxK, block_BxK], start - size)
+        return logits_BxTxV[:, size:], cache
+
+      return jax.lax.cond(j > 0, fold, lambda c: denoise_forward(c, block_BxK), cache)
+
+    state_of_block = step(state_of_block, forward=fold_forward)
+  scratch_copy = {} if plan.scratch is None else dict(copy_from=plan.scratch, start=start)
   done = jax.lax.while_loop(
     functools.partial(_denoising, s=s, active_B=active_B, valid_K=valid_K),
-    functools.partial(
-      _denoise_step,
-      forward=forward,
-      s=s,
-      key=key,
-      start=start,
-      scratch=scratch,
-      active_B=active_B,
-      valid_K=valid_K,
-    ),
-    init,
+    functools.partial(step, forward=denoise_forward, **scratch_copy),
+    state_of_block,
   )
   cache = done.cache
-  if scratch is not None:
-    cache = _copy_slots(cache, done.pending_B, scratch, start, size)
+  if plan.scratch is not None:
+    cache = _copy_slots(cache, done.pending_B, plan.scratch, start, size)
   tokens_BxN = jax.lax.dynamic_update_slice_in_dim(
     state.tokens_BxN, done.block_BxK, j * size, axis=1
   )
@@ -450,17 +554,21 @@ def _denoise_step(
   forward,
   s: Settings,
   key: jax.Array,
-  start: jax.Array,
-  scratch: int | None,
   active_B: jax.Array,
   valid_K: jax.Array,
+  copy_from: int | None = None,
+  start: jax.Array | None = None,
 ) -> StepLoopState:
-  """One forward of the block as positions [start, start+K), then `_denoise_update`."""
+  """One `forward(cache, block_BxK) -> (logits_BxKxV, cache)`, then `_denoise_update`.
+
+  With `copy_from`, the scratch K/V of the rows whose last forward denoised first go to
+  the block's slots [start, start+K).
+  """
   cache = state.cache
-  if scratch is not None:  # before the forward reads the cache: no copy of it
-    cache = _copy_slots(cache, state.pending_B, scratch, start, s.block_size)
+  if copy_from is not None:  # before the forward reads the cache: no copy of it
+    cache = _copy_slots(cache, state.pending_B, copy_from, start, s.block_size)
   needed_BxK = _needed(state.block_BxK, active_B, valid_K)
-  logits_BxKxV, cache = forward(cache, state.block_BxK, start, causal=False, write_at=scratch)
+  logits_BxKxV, cache = forward(cache, state.block_BxK)
   pending_B = jnp.any(needed_BxK & (state.block_BxK == MASK), axis=1)  # rows that denoised
   block_BxK, commit_BxK = _denoise_update(
     logits_BxKxV,
@@ -468,7 +576,7 @@ def _denoise_step(
     state.commit_BxK,
     needed_BxK,
     state.step,
-    jax.random.fold_in(key, state.nfe),
+    jax.random.fold_in(key, state.step),
     s,
   )
   return StepLoopState(
@@ -504,7 +612,10 @@ def _ar_generate(
   forward = functools.partial(_forward, decoder, params, pad_B, prompt_len + num_new)
 
   logits_BxPxV, cache = forward(
-    decoder.init_cache(batch, prompt_len + num_new), prompt_BxP, 0, causal=True
+    decoder.init_cache(batch, prompt_len + num_new),
+    prompt_BxP,
+    0,
+    _visible([prompt_len], causal=True),
   )
   token_Bx1, _ = _sample(logits_BxPxV[:, -1:], jax.random.fold_in(key, 0), s)
   tokens_BxG = jnp.full((batch, num_new), PAD, jnp.int32).at[:, :1].set(token_Bx1)
@@ -529,7 +640,9 @@ def _ar_step(
 ) -> ARLoopState:
   """One forward of the last token (position P + step - 1); PAD once the row has ended."""
   t = state.step
-  logits_Bx1xV, cache = forward(state.cache, state.token_Bx1, prompt_len + t - 1, causal=True)
+  logits_Bx1xV, cache = forward(
+    state.cache, state.token_Bx1, prompt_len + t - 1, _visible([1], causal=True)
+  )
   token_Bx1, _ = _sample(logits_Bx1xV, jax.random.fold_in(key, t), s)
   token_Bx1 = jnp.where(state.ended_B[:, None], PAD, token_Bx1)
   tokens_BxG = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxG, token_Bx1, t, axis=1)

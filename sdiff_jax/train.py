@@ -21,10 +21,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sdiff_jax import checkpointing, config_lib, sharding
-from sdiff_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from sdiff_jax.data import pipeline, sources
+from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.metric_writer import MetricWriter, format_duration
 from sdiff_jax.objective import Batch, Objective
 

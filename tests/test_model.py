@@ -152,6 +152,7 @@ def test_unrolled_layers_equal_the_scan(params):
   """The decoder's unrolled model on `unstack_layers` parameters gives the scanned model's
   logits, without and with a KV cache (prefill, then one token)."""
   import dataclasses
+
   from sdiff_jax.models import unstack_layers
   unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
   unrolled = unstack_layers(params, CFG.n_layers)

@@ -1,4 +1,5 @@
-"""Samplers: commit rules on a hand-made model, EOS, batching, cache exactness, one compile."""
+"""Samplers: commit rules on a hand-made model, EOS, batching, cache exactness, one compile;
+which tokens every forward reads (a recording model), fold = recompute = uncached reference."""
 
 import dataclasses
 
@@ -124,6 +125,10 @@ def test_bad_settings_are_named():
     Settings(block_size=8, steps_per_block=9).validate()
   with pytest.raises(ValueError, match="attention"):
     Settings(attention="sideways").validate()
+  with pytest.raises(ValueError, match="suffix_mask"):
+    Settings(attention="block_causal", suffix_mask=True).validate()
+  with pytest.raises(ValueError, match="cache_mode"):
+    Settings(cache_mode="approx").validate()  # renamed: fold (default) or last_forward (old)
 
 
 # ----------------------------------------------------------------------------- real (tiny) model
@@ -251,10 +256,16 @@ def test_cached_ar_batch_equals_uncached_recomputation(params):
     np.testing.assert_array_equal(got.tokens[row], want)
 
 
-def test_bidirectional_rows_alone_equal_rows_in_a_batch(params):
-  """No uncached reference exists for the approximate cache: batching must not change it."""
+@pytest.mark.parametrize("cache_mode", ["fold", "last_forward"])
+def test_bidirectional_rows_alone_equal_rows_in_a_batch(params, cache_mode):
+  """Batching must not change a row (`last_forward`: its scratch K/V stay its own)."""
   settings = Settings(
-    attention="bidirectional", max_new_tokens=16, block_size=8, steps_per_block=4, threshold=0.5
+    attention="bidirectional",
+    max_new_tokens=16,
+    block_size=8,
+    steps_per_block=4,
+    threshold=0.5,
+    cache_mode=cache_mode,
   )
   batch = _generate(params, PROMPTS, settings)
   for row, prompt in enumerate(PROMPTS):
@@ -298,3 +309,301 @@ def test_sharded_sampling_equals_one_device_and_follows_the_key(params):
   assert got.tokens.sharding.spec[0] == "data"
   other = sampling.generate(DECODER, *sharded, jax.random.key(1), settings)
   assert not np.array_equal(other.tokens, want.tokens)
+
+
+# ----------------------------------------------------------------------------- bidirectional cache
+
+RECORDS = []  # one dict per forward of RecordingDecoder, in order
+
+
+def _record(tokens_BxT, positions_BxT, mask_BxTxS, cache_BxS, cache_index):
+  RECORDS.append(
+    dict(
+      tokens=np.asarray(tokens_BxT),
+      positions=np.asarray(positions_BxT),
+      mask=np.asarray(mask_BxTxS),
+      cache=np.asarray(cache_BxS),
+      index=int(cache_index),
+    )
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingDecoder(sampling.Decoder):
+  """Logits read from a random table by position; its "cache" holds, per slot, the input token
+  whose K/V a real model would have written there, and each forward is recorded (its input,
+  positions, mask and the cache it attends over)."""
+
+  cfg: ModelConfig = ModelConfig(vocab_size=VOCAB)
+
+  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index):
+    cache = jax.lax.dynamic_update_slice_in_dim(cache, tokens_BxT[None], cache_index, axis=2)
+    jax.debug.callback(_record, tokens_BxT, positions_BxT, mask_BxTxS, cache[0], cache_index)
+    return params["table"][positions_BxT], cache
+
+  def init_cache(self, batch, length):
+    return jnp.full((1, batch, length), -1, jnp.int32)  # [layers, B, S] like a real cache
+
+
+RECORDING_PROMPTS = [[BOS, 7, 8, 9, 10, 11, 12], [BOS, 5]]
+
+
+def _recorded_run(settings):
+  """Generates for RECORDING_PROMPTS; (generation, forwards, padded prompt length, prompt lengths)."""
+  table = 3.0 * jax.random.normal(jax.random.key(3), (256, VOCAB))
+  prompt_BxP, lens_B = sampling.left_pad(RECORDING_PROMPTS)
+  RECORDS.clear()
+  gen = sampling.generate(
+    RecordingDecoder(), {"table": table}, prompt_BxP, lens_B, jax.random.key(0), settings
+  )
+  jax.block_until_ready(gen)
+  return gen, list(RECORDS), prompt_BxP.shape[1], lens_B
+
+
+def _unseen(settings):
+  """(committed tokens never an input of a forward: {(row, generated index)} outside the last
+  block; cached slots a forward read that did not hold their final token: {(row, index)})."""
+  gen, records, prompt_len, lens_B = _recorded_run(settings)
+  tokens_BxG = np.asarray(gen.tokens)
+  assert len(records) == int(gen.nfe)  # NFE counts the forwards that ran
+  last_block = (settings.max_new_tokens - 1) // settings.block_size * settings.block_size
+  never_input, stale = set(), set()
+  for row, final_G in enumerate(tokens_BxG):
+    inputs = {
+      (int(p), int(t)) for r in records for p, t in zip(r["positions"][row], r["tokens"][row])
+    }
+    never_input |= {
+      (row, g) for g in range(last_block) if (lens_B[row] + g, final_G[g]) not in inputs
+    }
+    for r in records:
+      own_S = np.zeros(r["cache"].shape[1], bool)
+      own_S[r["index"] : r["index"] + r["tokens"].shape[1]] = True
+      read_S = r["mask"][row].any(axis=0) & ~own_S
+      for slot in np.flatnonzero(read_S[prompt_len : prompt_len + len(final_G)]):
+        if r["cache"][row, prompt_len + slot] != final_G[slot]:
+          stale.add((row, int(slot)))
+  return never_input, stale
+
+
+RECORDED_SETTINGS = [
+  Settings(max_new_tokens=28, block_size=8, steps_per_block=4, suppress_eos=True),
+  Settings(max_new_tokens=24, block_size=8, steps_per_block=4, threshold=0.6, suppress_eos=True),
+  Settings(max_new_tokens=16, block_size=4, steps_per_block=1, suppress_eos=True),
+]
+
+
+@pytest.mark.parametrize("settings", RECORDED_SETTINGS)
+@pytest.mark.parametrize("cache_mode", ["fold", "recompute", "last_forward"])
+def test_every_committed_token_is_read_by_later_forwards(settings, cache_mode):
+  """fold (the default) and recompute: every committed token outside the last block is an input
+  of a later forward, and every cached slot any forward reads holds its final token.
+  last_forward (the old approx) breaks both: its last step's commits stay MASK in the cache."""
+  never_input, stale = _unseen(dataclasses.replace(settings, cache_mode=cache_mode))
+  if cache_mode == "last_forward":
+    # the last step of each block but the last commits ceil(size / steps) tokens (>= 1 with a
+    # threshold), which are the slots that the next blocks read stale
+    finished_blocks = (settings.max_new_tokens - 1) // settings.block_size
+    last_step = 1 if settings.threshold else -(-settings.block_size // settings.steps_per_block)
+    assert len(stale) >= len(RECORDING_PROMPTS) * finished_blocks * last_step
+    # a row done before the others is fed its whole block again, but those K/V are dropped
+    assert never_input and never_input <= stale
+  else:
+    assert never_input == set() and stale == set()
+
+
+def _own_masks(records, length):
+  """[B, T, T] masks among the input tokens of the recorded forwards of `length` tokens."""
+  return [
+    (r["mask"][:, :, r["index"] : r["index"] + length], r["index"])
+    for r in records[1:]
+    if r["tokens"].shape[1] == length
+  ]
+
+
+def test_fold_forward_is_block_causal_between_its_halves():
+  settings = RECORDED_SETTINGS[0]
+  _, records, _, _ = _recorded_run(settings)
+  size = settings.block_size
+  folds = _own_masks(records, 2 * size)
+  assert len(folds) == -(-settings.max_new_tokens // size) - 1  # blocks 1.. start with one
+  for own_BxTxT, _ in folds:
+    assert not own_BxTxT[:, :size, size:].any()  # block j-1 does not see block j
+    assert own_BxTxT[:, :size, :size].all() and own_BxTxT[:, size:].all()
+
+
+def test_suffix_mask_forwards_see_the_suffix_up_to_max_new_tokens():
+  settings = dataclasses.replace(RECORDED_SETTINGS[0], suffix_mask=True)
+  assert _unseen(settings) == (set(), set())
+  gen, records, prompt_len, _ = _recorded_run(settings)
+  size, end = settings.block_size, prompt_len + settings.max_new_tokens
+  suffix = -(-settings.max_new_tokens // size) * size - size
+  assert records[0]["tokens"].shape[1] == prompt_len + suffix + size  # prefill: the buffer
+  masks = _own_masks(records, size + suffix) + _own_masks(records, 2 * size + suffix)
+  assert len(masks) == len(records) - 1
+  for own_BxTxT, start in masks:
+    length = own_BxTxT.shape[1]
+    seen_T = start + np.arange(length) < end
+    seen_T[: length - suffix] = True
+    # every query sees every token of the forward, the suffix only before max_new_tokens
+    np.testing.assert_array_equal(
+      own_BxTxT[:, : length - suffix],
+      np.broadcast_to(seen_T, (own_BxTxT.shape[0], length - suffix, length)),
+    )
+  # the table model ignores its input: same tokens and NFE with or without the suffix
+  plain, _, _, _ = _recorded_run(RECORDED_SETTINGS[0])
+  np.testing.assert_array_equal(gen.tokens, plain.tokens)
+  assert int(gen.nfe) == int(plain.nfe)
+
+
+def test_fold_costs_no_extra_forward():
+  """Same commits (the table model's logits depend on positions only), so the NFE compare:
+  fold = last_forward (the old approx) = 1 + denoising forwards; recompute: + 1 a block."""
+  for settings in RECORDED_SETTINGS:
+    gens = {
+      mode: _recorded_run(dataclasses.replace(settings, cache_mode=mode))[0]
+      for mode in ("fold", "recompute", "last_forward")
+    }
+    steps = np.asarray(gens["fold"].block_steps)
+    for gen in gens.values():
+      np.testing.assert_array_equal(gen.tokens, gens["fold"].tokens)
+      np.testing.assert_array_equal(gen.block_steps, steps)
+    assert int(gens["fold"].nfe) == int(gens["last_forward"].nfe) == 1 + steps.sum()
+    assert int(gens["recompute"].nfe) == 1 + steps.sum() + np.count_nonzero(steps) - 1
+
+
+REFERENCE_LENGTH = 128  # the uncached reference's input, padded: one compilation
+
+
+def _reference_bidirectional(params, prompt, s: Settings):
+  """Greedy; no cache: every forward recomputes the prompt and the finished blocks from their
+  tokens. The prompt and each finished block see themselves and the blocks before them (with
+  `suffix_mask` also their own tail: MASK from their end to max_new_tokens); the block being
+  denoised sees the prompt, the finished blocks and itself (and its tail).
+
+  Returns the generated tokens (PAD after EOS) and the denoising steps of each block.
+  """
+  size, n = s.block_size, len(prompt)
+  num_blocks = -(-s.max_new_tokens // size)
+  end = n + s.max_new_tokens
+  finished, block_steps = [], [0] * num_blocks
+  for j in range(num_blocks):
+    block_BxK = jnp.full((1, size), MASK, jnp.int32)
+    commit_BxK = jnp.full((1, size), -1, jnp.int32)
+    valid_K = j * size + jnp.arange(size) < s.max_new_tokens
+    for step in range(s.steps_per_block):
+      needed_BxK = NEEDED(block_BxK, jnp.ones((1,), bool), valid_K)
+      if not bool(jnp.any(needed_BxK & (block_BxK == MASK))):
+        break
+      parts = [(np.asarray(prompt), 0)] + [
+        (np.asarray(b)[0], n + i * size) for i, b in enumerate(finished + [block_BxK])
+      ]
+      tokens, positions, group, tail = [], [], [], []
+      for g, (part, first) in enumerate(parts):
+        tail_len = max(end - first - len(part), 0) if s.suffix_mask else 0
+        tokens += list(part) + [MASK] * tail_len
+        positions += list(range(first, first + len(part) + tail_len))
+        group += [g] * (len(part) + tail_len)
+        tail += [False] * len(part) + [True] * tail_len
+      length = len(tokens)
+      assert length <= REFERENCE_LENGTH
+      group_L = np.array(group + [-1] * (REFERENCE_LENGTH - length))
+      tail_L = np.array(tail + [True] * (REFERENCE_LENGTH - length))
+      mask_LxL = (group_L[None, :] == group_L[:, None]) | (
+        (group_L[None, :] < group_L[:, None]) & ~tail_L[None, :]
+      )
+      mask_LxL &= (group_L[None, :] >= 0) | np.eye(REFERENCE_LENGTH, dtype=bool)
+      logits, _ = APPLY(
+        {"params": params},
+        jnp.asarray([tokens + [PAD] * (REFERENCE_LENGTH - length)], jnp.int32),
+        jnp.asarray([positions + [0] * (REFERENCE_LENGTH - length)]),
+        jnp.asarray(mask_LxL[None]),
+      )
+      first = length - size - (max(end - parts[-1][1] - size, 0) if s.suffix_mask else 0)
+      block_BxK, commit_BxK = DENOISE_UPDATE(
+        logits[:, first : first + size],
+        block_BxK,
+        commit_BxK,
+        needed_BxK,
+        jnp.int32(step),
+        jax.random.key(0),
+        s,
+      )
+      block_steps[j] += 1
+    finished.append(block_BxK)
+    if EOS in np.asarray(block_BxK):
+      break
+  out = np.concatenate([np.asarray(b)[0] for b in finished])[: s.max_new_tokens]
+  out = np.concatenate([out, np.full(s.max_new_tokens - len(out), PAD, np.int32)])
+  eos = np.flatnonzero(out == EOS)
+  if eos.size:
+    out[eos[0] + 1 :] = PAD
+  return np.where(out == MASK, PAD, out), block_steps
+
+
+REFERENCE_SETTINGS = Settings(max_new_tokens=20, block_size=8, steps_per_block=4, threshold=0.6)
+
+
+@pytest.mark.parametrize("suffix_mask", [False, True])
+def test_fold_and_recompute_equal_the_uncached_reference(params, suffix_mask):
+  settings = dataclasses.replace(REFERENCE_SETTINGS, suffix_mask=suffix_mask)
+  fold = _generate(params, PROMPTS, settings)
+  recompute = _generate(params, PROMPTS, dataclasses.replace(settings, cache_mode="recompute"))
+  assert MASK not in np.asarray(fold.tokens)
+  steps = []
+  for row, prompt in enumerate(PROMPTS):
+    want, block_steps = _reference_bidirectional(params, prompt, settings)
+    np.testing.assert_array_equal(fold.tokens[row], want)
+    np.testing.assert_array_equal(recompute.tokens[row], want)
+    steps.append(block_steps)
+  steps = np.max(steps, axis=0)
+  np.testing.assert_array_equal(fold.block_steps, steps)
+  assert int(fold.nfe) == 1 + steps.sum()
+  assert int(recompute.nfe) == 1 + steps.sum() + np.count_nonzero(steps) - 1
+  # the old approximation reads MASK where its last steps committed: other tokens
+  old = _generate(params, PROMPTS, dataclasses.replace(settings, cache_mode="last_forward"))
+  assert not np.array_equal(old.tokens, fold.tokens)
+
+
+def test_fold_equals_recompute_when_sampling_and_self_correcting(params):
+  settings = Settings(
+    max_new_tokens=24,
+    block_size=8,
+    steps_per_block=4,
+    temperature=1.0,
+    top_p=0.9,
+    self_correction=True,
+    correction_threshold=0.5,
+  )
+  fold = _generate(params, PROMPTS, settings, key=3)
+  recompute = _generate(params, PROMPTS, dataclasses.replace(settings, cache_mode="recompute"), 3)
+  np.testing.assert_array_equal(fold.tokens, recompute.tokens)
+  np.testing.assert_array_equal(fold.commit_step, recompute.commit_step)
+  np.testing.assert_array_equal(fold.block_steps, recompute.block_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskBlindDecoder(sampling.Decoder):
+  """The tiny model, except that no query attends to a MASK input: a MASK suffix is invisible."""
+
+  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index):
+    masked_BxS = jax.lax.dynamic_update_slice_in_dim(
+      jnp.zeros(mask_BxTxS.shape[::2], bool), tokens_BxT == MASK, cache_index, axis=1
+    )
+    mask_BxTxS &= ~masked_BxS[:, None, :]
+    return super().apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
+
+
+def test_suffix_mask_compiles_once_and_changes_nothing_for_a_model_blind_to_it(params):
+  settings = Settings(max_new_tokens=20, block_size=8, steps_per_block=4, threshold=0.6)
+  prompt_BxP, lens_B = sampling.left_pad(PROMPTS)
+  blind = MaskBlindDecoder(CFG)
+  key = jax.random.key(0)
+  plain = sampling.generate(blind, params, prompt_BxP, lens_B, key, settings)
+  suffix = dataclasses.replace(settings, suffix_mask=True)
+  before = sampling._generate._cache_size()
+  got = sampling.generate(blind, params, prompt_BxP, lens_B, key, suffix)
+  np.testing.assert_array_equal(got.tokens, plain.tokens)
+  assert int(got.nfe) == int(plain.nfe)
+  other_BxP, other_lens_B = sampling.left_pad([[BOS, 3, 4, 5, 6, 7, 8], [BOS, 9]])
+  sampling.generate(blind, params, other_BxP, other_lens_B, jax.random.key(1), suffix)
+  assert sampling._generate._cache_size() == before + 1

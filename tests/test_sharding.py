@@ -1,6 +1,7 @@
 """Meshes, parameter shardings, sharded == single-device steps, resharded restore."""
 
 import functools
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp

@@ -6,9 +6,11 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from sdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-from sdiff_jax.data import sources
-from sdiff_jax.data import tfds_code
+from sdiff_jax.data import (
+  pipeline,  # pylint: disable=g-import-not-at-top
+  sources,
+  tfds_code,
+)
 from sdiff_jax.data import tokenizer as tokenizer_lib
 
 VALID_FRACTION = 0.25

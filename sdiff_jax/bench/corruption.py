@@ -23,9 +23,8 @@ from sdiff_jax.data.tokenizer import NUM_SPECIAL
 _BATCH = flags.DEFINE_integer("batch", 64, "Rows per call.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per row (all rows full).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size, specials included.")
-_ALPHA_MAX = flags.DEFINE_float(
-  "alpha_max", 0.1, "Edit-rate bound: K = floor(L * alpha_max) op slots."
-)
+_ALPHA_MAX = flags.DEFINE_float("alpha_max", 0.1, "Edit-rate bound (alpha_t in [0, alpha_max]).")
+_WINDOW = flags.DEFINE_integer("edit_window", 4, "Edit window w: at most w targets shift.")
 _REPEATS = flags.DEFINE_integer("repeats", 50, "Timed calls; the median is reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compiling.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows to this file as a JSON list.")
@@ -64,9 +63,11 @@ def main(argv):
   gamma_B = schedules.get_gamma_schedule("linear").gamma(t_B)
   alpha_B = schedules.get_alpha_schedule("linear", _ALPHA_MAX.value).alpha(t_B)
   mask_fn = lambda k, x, g: corruption.mask_corrupt(k, x, g, x > 0)
-  edit_fn = lambda k, x, n, a: corruption.edit_corrupt_batch(
-    k, x, n, a, vocab_size=vocab, alpha_max=_ALPHA_MAX.value
+  edit_fn = lambda k, x, seg, pos, a: corruption.edit_corrupt_batch(
+    k, x, seg, pos, a, vocab_size=vocab, window=_WINDOW.value, alpha_max=_ALPHA_MAX.value
   )
+  segment_ids_BxL = jnp.ones((batch, seq_len), jnp.int32)  # one document per row
+  positions_BxL = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
   device = jax.devices()[0]
   rows = []
   for name, fn, args in [
@@ -74,7 +75,7 @@ def main(argv):
     (
       "edit_corrupt_batch",
       edit_fn,
-      (key, tokens_BxL, jnp.full((batch,), seq_len, jnp.int32), alpha_B),
+      (key, tokens_BxL, segment_ids_BxL, positions_BxL, alpha_B),
     ),
   ]:
     timing = time_fn(fn, args, warmup=_WARMUP.value, repeats=_REPEATS.value)

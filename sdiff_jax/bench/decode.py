@@ -46,8 +46,13 @@ _ATTENTION = flags.DEFINE_enum(
   [m for m in ATTENTION_MODES if m != "causal"],
   "Block rows' attention (default: the config's).",
 )
-_CACHE_MODE = flags.DEFINE_enum(
-  "cache_mode", "approx", sampling.CACHE_MODES, "Bidirectional block rows: K/V of finished blocks."
+_CACHE_MODE = flags.DEFINE_list(
+  "cache_mode",
+  ["fold"],
+  f"Bidirectional block rows: K/V of finished blocks, one or more of {sampling.CACHE_MODES}.",
+)
+_SUFFIX_MASK = flags.DEFINE_bool(
+  "suffix_mask", False, "Bidirectional block rows: forwards also see the rest as MASK."
 )
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row; the median is reported.")
@@ -154,6 +159,7 @@ _COLUMNS = (  # header, key, format
   ("batch", "batch", "{}"),
   ("block", "block_size", "{}"),
   ("steps/block", "steps_per_block", "{}"),
+  ("cache", "cache_mode", "{}"),
   ("tokens/s", "tokens_per_s", "{:,.1f}"),
   ("speedup vs AR", "speedup_vs_ar", "{:.2f}x"),
   ("NFE", "nfe", "{}"),
@@ -210,11 +216,13 @@ def main(argv):
       dataclasses.replace(
         base,
         attention=attention,
-        cache_mode=_CACHE_MODE.value,
+        cache_mode=cache_mode,
+        suffix_mask=_SUFFIX_MASK.value,
         block_size=_BLOCK_SIZE.value,
         steps_per_block=int(steps),
       )
       for steps in _STEPS.value
+      for cache_mode in _CACHE_MODE.value
     ]
     results = time_settings(
       decoder,
@@ -233,6 +241,7 @@ def main(argv):
         "batch": batch,
         "attention": s.attention,
         "cache_mode": s.cache_mode if block else None,
+        "suffix_mask": s.suffix_mask if block else None,
         "block_size": s.block_size if block else None,
         "steps_per_block": s.steps_per_block if block else None,
         **result,

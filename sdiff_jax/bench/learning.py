@@ -14,7 +14,6 @@ Writes JSON rows and, with matplotlib installed, a PNG of both curves.
 """
 
 import json
-import os
 import sys
 import time
 

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 
 from sdiff_jax import corruption, losses, schedules
-from sdiff_jax.data import pipeline, tokenizer as tokenizer_lib
+from sdiff_jax.data import pipeline
+from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.objective import Batch, Objective
 
 HELDOUT_SEED = 1234  # the held-out rows' shuffle: fixed, independent of the run's seed
