@@ -64,9 +64,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.edit_op_probs = (1 / 3, 1 / 3, 1 / 3)  # substitution, del-ins pair, ins-del pair
   c.diffusion.time_eps = 1e-3  # t ~ U(time_eps, 1)
   c.diffusion.antithetic = True  # evenly spaced t across the batch
+  # Bidirectional models: the output at i-1 predicts token i, as an AR model's does
+  # (see objective.py); sampling follows the model's setting.
+  c.diffusion.shift = False
 
   c.curriculum = ml_collections.ConfigDict()
-  c.curriculum.edit_start_fraction = 0.8  # mask-only before this fraction of the steps
+  # Stages: "ar" (next-token loss on the same parameters, causal mask; needs
+  # diffusion.shift) for the first ar_fraction of the steps, then "mask", then "mask+edit"
+  # from edit_start_fraction on. Causal models train "ar" throughout.
+  c.curriculum.ar_fraction = 0.0
+  c.curriculum.edit_start_fraction = 0.8
   c.curriculum.edit_weight = 1.0  # weight of the edit term once it starts
 
   c.train = ml_collections.ConfigDict()
@@ -225,6 +232,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data.vocab_size", d.vocab_size,
           f"a BPE vocabulary needs at least {tokenizer_lib.MIN_BPE_VOCAB} ids "
           f"(256 bytes + {tokenizer_lib.NUM_SPECIAL} specials)")
+  if config.diffusion.shift and config.attention == "block_causal":
+    _fail("diffusion.shift", True, "is implemented for bidirectional models (and ignored by "
+          "causal ones), not yet for block_causal")
   if config.attention == "block_causal" and d.seq_len % config.diffusion.block_size:
     _fail("diffusion.block_size", config.diffusion.block_size,
           f"must divide data.seq_len={d.seq_len}")
@@ -232,8 +242,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
   if m.head_dim % 2:
     _fail("model.head_dim", m.head_dim, "must be even (rotary embedding)")
-  if not 0.0 <= config.curriculum.edit_start_fraction <= 1.0:
-    _fail("curriculum.edit_start_fraction", config.curriculum.edit_start_fraction, "must be in [0, 1]")
+  cur = config.curriculum
+  if not 0.0 <= cur.edit_start_fraction <= 1.0:
+    _fail("curriculum.edit_start_fraction", cur.edit_start_fraction, "must be in [0, 1]")
+  if not 0.0 <= cur.ar_fraction <= cur.edit_start_fraction:
+    _fail("curriculum.ar_fraction", cur.ar_fraction,
+          f"must be in [0, edit_start_fraction={cur.edit_start_fraction}]")
+  if cur.ar_fraction and config.attention == "bidirectional" and not config.diffusion.shift:
+    _fail("curriculum.ar_fraction", cur.ar_fraction,
+          "an AR stage needs diffusion.shift=True (its outputs predict the next token)")
+  if cur.ar_fraction and config.attention == "block_causal":
+    _fail("curriculum.ar_fraction", cur.ar_fraction, "is for bidirectional models")
   if not 0.0 < config.diffusion.time_eps < 1.0:
     _fail("diffusion.time_eps", config.diffusion.time_eps, "must be in (0, 1)")
   window = config.diffusion.edit_window
@@ -255,9 +274,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f"mesh.{name}", size, "must be a positive size or -1 (the remaining devices)")
 
 
-def edit_start_step(config: ml_collections.ConfigDict) -> int:
-  """First step of the second curriculum stage (mask + edit)."""
-  return int(round(config.curriculum.edit_start_fraction * config.train.num_steps))
+STAGES = ("ar", "mask", "mask+edit")  # the curriculum's stages, in order
+
+
+def stage_starts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """First step of each curriculum stage the run trains, in order (causal: "ar" only)."""
+  steps = config.train.num_steps
+  if config.attention == "causal":
+    return {"ar": 0}
+  ar_end = int(round(config.curriculum.ar_fraction * steps))
+  edit = int(round(config.curriculum.edit_start_fraction * steps))
+  ranges = {"ar": (0, ar_end), "mask": (ar_end, edit), "mask+edit": (edit, steps)}
+  return {name: start for name, (start, end) in ranges.items() if start < end}
+
+
+def stage_at(config: ml_collections.ConfigDict, step: int) -> str:
+  """The curriculum stage of training step `step` (0-based)."""
+  return [name for name, start in stage_starts(config).items() if start <= step][-1]
 
 
 # Meshes for the sized configs. `fsdp` shards parameters and optimizer state;

@@ -92,7 +92,11 @@ def load_model(workdir: str) -> Loaded:
 
 def settings_for(config: ml_collections.ConfigDict, **overrides) -> sampling.Settings:
   """Sampling settings for a workdir's model: its attention mode and block size by default."""
-  defaults = {"attention": config.attention, "block_size": config.diffusion.block_size}
+  defaults = {
+      "attention": config.attention,
+      "block_size": config.diffusion.block_size,
+      "shift": bool(config.diffusion.shift) and config.attention == "bidirectional",
+  }
   settings = sampling.Settings(**{**defaults, **overrides})
   settings.validate()
   return settings

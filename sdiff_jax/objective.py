@@ -1,12 +1,21 @@
-"""The training objectives of one config, as pure functions of (params, batch, key).
+"""The training objectives of one config, as pure functions of (params, batch, key, stage).
 
-By `config.attention`:
+The curriculum stage (`config_lib.STAGES`) is "ar", "mask" or "mask+edit". By
+`config.attention`:
 * `bidirectional` / `block_causal`: the Seed Diffusion objective. The
   masked-diffusion ELBO (mask corruption at t ~ U(eps, 1), the denoiser's
-  logits, (gamma'/gamma)-weighted NLL of the masked tokens); with `with_edit`
+  logits, (gamma'/gamma)-weighted NLL of the masked tokens); in "mask+edit"
   (the curriculum's second stage) plus the edit term -log p(x0 | x_edit) at
-  every real position. No carry-over: the model predicts every position.
-* `causal`: the next-token loss of the autoregressive baseline.
+  every real position. No carry-over: the model predicts every position. An "ar"
+  stage (`curriculum.ar_fraction`, with `diffusion.shift`) trains the same
+  parameters on the next-token loss under a causal mask first.
+* `causal`: the next-token loss of the autoregressive baseline (stage "ar").
+
+With `diffusion.shift` (bidirectional models), the output at position i-1 predicts the
+token at i, as in an AR model (Dream, DiffuCoder keep it when they adapt one): a
+masked token then reads its left neighbour's identity from that position's residual
+stream instead of having to learn attention to it. A document chunk's first token
+has no left neighbour in the row: it is never masked nor scored.
 
 Losses and metrics are in bits per token. Shapes: B rows, L tokens per row.
 """
@@ -25,13 +34,14 @@ Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: int32[B, L]
 
 
 class Objective:
-  """The model of a config and its loss; `with_edit` selects the curriculum stage."""
+  """The model of a config and its loss at each curriculum stage."""
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
     self.config = config
     self.model_cfg = config_lib.model_config(config, vocab_size)
     self.model = Transformer(self.model_cfg)
     self.mode = config.attention
+    self.shift = bool(config.diffusion.shift) and self.mode != "causal"
     self.gamma = schedules.get_gamma_schedule(config.diffusion.gamma_schedule)
     self.alpha = schedules.get_alpha_schedule(config.diffusion.alpha_schedule,
                                               config.diffusion.alpha_max)
@@ -48,7 +58,8 @@ class Objective:
     return self.model.init(key, tokens, tokens, jnp.ones((1, length, length), bool))["params"]
 
   def logits(self, params, inputs_BxL: jax.Array, batch: Batch) -> jax.Array:
-    """Denoiser logits for `inputs` at the positions of the clean `batch`."""
+    """Denoiser logits for `inputs` at the positions of the clean `batch` (causal models:
+    next-token logits)."""
     seg_BxL, pos_BxL = batch["segment_ids"], batch["positions"]
     mask = training_mask(self.mode, seg_BxL, self.config.diffusion.block_size)
     if self.mode == "block_causal":
@@ -57,24 +68,39 @@ class Objective:
       pos_Bx2L = jnp.concatenate([pos_BxL, pos_BxL], axis=1)
       logits, _ = self.model.apply({"params": params}, tokens_Bx2L, pos_Bx2L, mask)
       return logits[:, :length]
-    logits, _ = self.model.apply({"params": params}, inputs_BxL, pos_BxL, mask)
-    return logits
+    logits_BxLxV, _ = self.model.apply({"params": params}, inputs_BxL, pos_BxL, mask)
+    if self.shift:  # output i-1 predicts token i (token 0's logits: never scored)
+      logits_BxLxV = jnp.concatenate([logits_BxLxV[:, :1], logits_BxLxV[:, :-1]], axis=1)
+    return logits_BxLxV
 
-  def __call__(self, params, batch: Batch, key: jax.Array, with_edit: bool
+  def scored(self, batch: Batch) -> jax.Array:
+    """bool[B, L]: the tokens the diffusion loss may mask and score."""
+    valid_BxL = batch["segment_ids"] > 0
+    return valid_BxL & (batch["positions"] > 0) if self.shift else valid_BxL
+
+  def next_token_logits(self, params, batch: Batch) -> jax.Array:
+    """The model under a causal mask: output i predicts token i + 1 (the "ar" stage)."""
+    mask = training_mask("causal", batch["segment_ids"], self.config.diffusion.block_size)
+    logits_BxLxV, _ = self.model.apply({"params": params}, batch["tokens"], batch["positions"],
+                                       mask)
+    return logits_BxLxV
+
+  def __call__(self, params, batch: Batch, key: jax.Array, stage: str
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of one batch; `valid_tokens` weighs the metrics across batches."""
     tokens_BxL, seg_BxL = batch["tokens"], batch["segment_ids"]
     valid_BxL = seg_BxL > 0
     metrics = {"valid_tokens": valid_BxL.sum().astype(jnp.float32)}
-    if self.mode == "causal":
+    if stage == "ar" or self.mode == "causal":
       targets_BxL, target_valid_BxL = losses.next_token_targets(tokens_BxL, seg_BxL)
-      nll_BxL = losses.token_nll(self.logits(params, tokens_BxL, batch), targets_BxL,
+      nll_BxL = losses.token_nll(self.next_token_logits(params, batch), targets_BxL,
                                  tokenizer_lib.MASK_ID)
       loss = losses.mean_bits(nll_BxL, target_valid_BxL)
       return loss, {**metrics, "loss": loss, "ar_bits": loss}
 
     time_key, mask_key, edit_time_key, edit_key = jax.random.split(key, 4)
     d = self.config.diffusion
+    valid_BxL = self.scored(batch)
     t_B = schedules.sample_times(time_key, tokens_BxL.shape[0], eps=d.time_eps,
                                  antithetic=d.antithetic)
     noisy_BxL, is_masked_BxL = corruption.mask_corrupt(
@@ -86,7 +112,7 @@ class Objective:
     metrics.update(mask_bits=mask_bits,
                    mask_rate=is_masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1))
     loss = mask_bits
-    if with_edit:
+    if stage == "mask+edit":
       # Each document of a row is edited on its own, length-preserving, with local
       # del-ins / ins-del pairs (see corruption.py): the model reads the edited row at
       # the row's own segments and positions and predicts x0 at every valid position.

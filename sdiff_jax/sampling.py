@@ -54,6 +54,14 @@ then sees the suffix), except suffix keys at or past position P +
 `max_new_tokens`, which nobody sees. The suffix's K/V go to slots nobody reads
 before they are rewritten: later blocks' slots and N - K more slots at the end.
 
+`shift` (bidirectional models trained with `diffusion.shift`): the output at
+position i-1 predicts token i. Each denoising forward then also takes the token
+before the block (the prompt's last token, or the previous block's last) as its
+first input, which sees only what precedes it (so the K/V it rewrites are the
+ones already cached), and the block's logits are the outputs from that token on;
+fold's first forward already holds it. One more token per forward, no more
+forwards. Not with `suffix_mask` or `last_forward`.
+
 `block_size=1` with `cache_mode="fold"` decodes a `bidirectional` model token by
 token in one 2-token forward a token (`recompute`: two forwards a token). AR
 (`causal`): prefill, then one token per forward, with the same masks, sampling,
@@ -100,6 +108,7 @@ class Settings:
   cache_mode: str = "fold"  # bidirectional models: one of CACHE_MODES
   suffix_mask: bool = False  # bidirectional models: forwards also see the rest as MASK
   suppress_eos: bool = False  # rows never end (benchmarks: every row generates max_new_tokens)
+  shift: bool = False  # the model's output at i-1 predicts token i (diffusion.shift)
 
   def validate(self) -> None:
     """Raises ValueError naming the first bad field."""
@@ -121,6 +130,16 @@ class Settings:
         "suffix_mask",
         not self.suffix_mask or self.attention == "bidirectional",
         "needs attention='bidirectional'",
+      ),
+      (
+        "shift",
+        not self.shift
+        or (
+          self.attention == "bidirectional"
+          and not self.suffix_mask
+          and self.cache_mode != "last_forward"
+        ),
+        "needs attention='bidirectional', no suffix_mask and cache_mode 'fold' or 'recompute'",
       ),
     )
     for name, ok, why in checks:
@@ -401,6 +420,7 @@ class _Plan:
   suffix: int  # MASK tokens appended to every forward but the prefill (0: none)
   end: int  # slot of the first position past max_new_tokens
   scratch: int | None  # `last_forward`: first of the scratch slots
+  prompt_last_Bx1: jax.Array  # int32[B, 1]: each prompt's last token (`shift`: before block 0)
 
   def run(
     self,
@@ -441,7 +461,7 @@ def _block_generate(
   num_slots = prompt_len + buffer + suffix + (size if scratch is not None else 0)
   forward = functools.partial(_forward, decoder, params, pad_B, num_slots)
   end = prompt_len + s.max_new_tokens
-  plan = _Plan(forward, s, mode, prompt_len, suffix, end, scratch)
+  plan = _Plan(forward, s, mode, prompt_len, suffix, end, scratch, prompt_BxP[:, -1:])
 
   prefill = dataclasses.replace(plan, suffix=buffer if s.suffix_mask else 0)
   _, cache = prefill.run(
@@ -492,7 +512,15 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
   step = functools.partial(_denoise_step, s=s, key=block_key, active_B=active_B, valid_K=valid_K)
 
   def denoise_forward(cache, block_BxK):
-    return plan.run(cache, [block_BxK], start, write_at=plan.scratch)
+    if not s.shift:
+      return plan.run(cache, [block_BxK], start, write_at=plan.scratch)
+    last_Bx1 = jnp.where(
+      j > 0,
+      jax.lax.dynamic_slice_in_dim(state.tokens_BxN, j * size - 1, 1, axis=1),
+      plan.prompt_last_Bx1,
+    )
+    logits_BxTxV, cache = plan.run(cache, [last_Bx1, block_BxK], start - 1)
+    return logits_BxTxV[:, :size], cache  # output i-1 predicts token i
 
   state_of_block = StepLoopState(
     step=jnp.int32(0),
@@ -507,7 +535,8 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
     def fold_forward(cache, block_BxK):
       def fold(cache):
         logits_BxTxV, cache = plan.run(cache, [previous_BxK, block_BxK], start - size)
-        return logits_BxTxV[:, size:], cache
+        first = size - 1 if s.shift else size  # shift: output i-1 predicts token i
+        return logits_BxTxV[:, first : first + size], cache
 
       return jax.lax.cond(j > 0, fold, lambda c: denoise_forward(c, block_BxK), cache)
 

@@ -1,8 +1,8 @@
 """Training: the optimizer, the sharded train state, jitted train/eval steps, the loop.
 
-The loss is `objective.Objective`'s. The curriculum stage (`with_edit`: the edit term
-from `curriculum.edit_start_fraction` of the steps on) is a static argument of the
-steps, so each stage compiles once. Checkpoints and the workdir are `checkpointing`'s.
+The loss is `objective.Objective`'s. The curriculum stage (`config_lib.stage_at`: "ar",
+"mask", "mask+edit") is a static argument of the steps, so each stage compiles once.
+Checkpoints and the workdir are `checkpointing`'s.
 """
 
 import dataclasses
@@ -110,14 +110,14 @@ def _init_fn(objective: Objective, tx: optax.GradientTransformation, seq_len: in
 
 
 def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]:
-  """jit(train_step) with shardings and donation; `with_edit` is static."""
+  """jit(train_step) with shardings and donation; `stage` is static."""
   objective, tx, mesh = setup.objective, setup.tx, setup.mesh
   grad_accum_steps = setup.config.train.grad_accum_steps
 
-  def grads_of(params, batch, key, with_edit):
+  def grads_of(params, batch, key, stage):
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if grad_accum_steps == 1:
-      (_, metrics), grads = grad_fn(params, batch, key, with_edit)
+      (_, metrics), grads = grad_fn(params, batch, key, stage)
       return grads, metrics
     # Micro-batch i takes rows i, i + n, i + 2n, ... (n = grad_accum_steps): every
     # device keeps its own rows, so the split moves no data and each micro-batch
@@ -130,7 +130,7 @@ def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]
 
     def one(micro_batch, key):
       micro_batch = jax.lax.with_sharding_constraint(micro_batch, sharding.batch_sharding(mesh))
-      (_, metrics), grads = grad_fn(params, micro_batch, key, with_edit)
+      (_, metrics), grads = grad_fn(params, micro_batch, key, stage)
       return grads, metrics
 
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro), key)
@@ -145,7 +145,7 @@ def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]
     metrics = {k: v if k == "valid_tokens" else scale(v) for k, v in metrics.items()}
     return jax.tree.map(scale, grads), metrics
 
-  def train_step(state: TrainState, batch: Batch, key: jax.Array, with_edit: bool):
+  def train_step(state: TrainState, batch: Batch, key: jax.Array, stage: str):
     rows, shards = batch["tokens"].shape[0], mesh.shape["data"] * mesh.shape["fsdp"]
     if (rows // grad_accum_steps) % shards:
       raise ValueError(
@@ -153,7 +153,7 @@ def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]
           f"split over the {shards} (data x fsdp) devices: make train.batch_size / "
           f"train.grad_accum_steps a multiple of {shards}")
     key = jax.random.fold_in(key, state.step)
-    grads, metrics = grads_of(state.params, batch, key, with_edit)
+    grads, metrics = grads_of(state.params, batch, key, stage)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree_utils.tree_norm(grads)
@@ -173,7 +173,7 @@ def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]
 
 
 class _PerStage:
-  """One jit of `fn(..., with_edit)` per curriculum stage; call as f(*args, with_edit=...).
+  """One jit of `fn(..., stage)` per curriculum stage; call as f(*args, stage=...).
 
   Traced under `sharding.activation_rules`, so the model's activations keep their
   rows sharded over (data, fsdp) instead of whatever XLA's propagation picks.
@@ -181,24 +181,24 @@ class _PerStage:
 
   def __init__(self, fn, mesh, axis_rules, **jit_kwargs):
     self._context = lambda: sharding.activation_rules(mesh, axis_rules)
-    self._jitted = {w: jax.jit(functools.partial(fn, with_edit=w), **jit_kwargs)
-                    for w in (False, True)}
+    self._jitted = {stage: jax.jit(functools.partial(fn, stage=stage), **jit_kwargs)
+                    for stage in config_lib.STAGES}
 
-  def __call__(self, *args, with_edit: bool):
+  def __call__(self, *args, stage: str):
     with self._context():
-      return self._jitted[with_edit](*args)
+      return self._jitted[stage](*args)
 
-  def lower(self, *args, with_edit: bool):
+  def lower(self, *args, stage: str):
     """Lowers for abstract arguments (jax.ShapeDtypeStruct), e.g. to compile without data."""
     with self._context():
-      return self._jitted[with_edit].lower(*args)
+      return self._jitted[stage].lower(*args)
 
 
 def make_eval_step(setup: TrainSetup):
   """Validation metrics with the training objective (edit term included when asked)."""
 
-  def eval_step(params, batch, key, with_edit):
-    return setup.objective(params, batch, key, with_edit)[1]
+  def eval_step(params, batch, key, stage):
+    return setup.objective(params, batch, key, stage)[1]
 
   mesh = setup.mesh
   return _PerStage(eval_step, mesh, sharding.rules(setup.config.mesh),
@@ -251,14 +251,14 @@ class TrainResult:
   workdir: str
 
 
-def evaluate(eval_step, params, eval_ds, config, mesh, with_edit: bool) -> dict[str, float]:
+def evaluate(eval_step, params, eval_ds, config, mesh, stage: str) -> dict[str, float]:
   """Token-weighted mean of the validation metrics over the same `eval_batches` batches."""
   totals: dict[str, float] = {}
   weight = 0.0
   key = jax.random.key(config.seed + 1)
   for i, batch in zip(range(config.train.eval_batches), iter(eval_ds)):
     m = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh),
-                                 jax.random.fold_in(key, i), with_edit=with_edit))
+                                 jax.random.fold_in(key, i), stage=stage))
     w = float(m.pop("valid_tokens"))
     weight += w
     for k, v in m.items():
@@ -324,7 +324,8 @@ class _Logger:
     rate = steps * self.tokens_per_step / max(elapsed, 1e-9)
     eta = (num_steps - step) * elapsed / max(steps, 1)
     self.writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
-                               "train/tokens_per_s": rate, "train/stage": float(stage == "mask+edit"),
+                               "train/tokens_per_s": rate,
+                               "train/stage": float(config_lib.STAGES.index(stage)),
                                "train/learning_rate": float(self.lr(step))})
     self.print(f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok | "
                f"{rate:,.0f} tok/s | ETA {format_duration(eta)}")
@@ -357,21 +358,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   log = _Logger(config, paths)
   num_steps, step = config.train.num_steps, int(state.step)
-  edit_start = config_lib.edit_start_step(config)
-  is_diffusion = config.attention != "causal"
-  stages = f", edit stage from step {edit_start}" if is_diffusion else ""
+  stages = ", ".join(f"{name} from step {start}"
+                     for name, start in config_lib.stage_starts(config).items())
   log.print(f"Training {config.attention} model: "
             f"{setup.objective.model_cfg.num_params() / 1e6:.2f}M parameters, "
-            f"vocab {tok.vocab_size}, mesh {dict(mesh.shape)}, steps {step}->{num_steps}{stages}")
+            f"vocab {tok.vocab_size}, mesh {dict(mesh.shape)}, steps {step}->{num_steps} "
+            f"({stages})")
   key = jax.random.key(config.seed + 2)
   first_step, run_start = step, time.perf_counter()
   last_eval: dict[str, float] = {}
   preempted = False
   with _Preemption() as preemption:
     while step < num_steps:
-      with_edit = is_diffusion and step >= edit_start
+      stage = config_lib.stage_at(config, step)
       state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh), key,
-                                  with_edit=with_edit)
+                                  stage=stage)
       step += 1
       log.pending.append(metrics)
       last = step == num_steps
@@ -379,9 +380,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       stop = preemption.stop_now(sync_point=log_now)
       if log_now or stop:
         _check_finite(state, config)
-        log.train(step, "mask+edit" if with_edit else ("mask" if is_diffusion else "ar"))
+        log.train(step, stage)
       if step % config.train.eval_every == 0 or last:
-        last_eval = evaluate(eval_step, state.params, eval_ds, config, mesh, with_edit)
+        last_eval = evaluate(eval_step, state.params, eval_ds, config, mesh, stage)
         log.eval(step, last_eval)
         log.restart_clock()
       if step % config.train.checkpoint_every == 0 or last or stop:

@@ -44,7 +44,7 @@ def _run(mesh_shape, attention, steps=1):
   losses = []
   for i in range(steps):
     state, metrics = step(state, sharding.global_batch(_batch(seed=i), mesh), jax.random.key(1),
-                          with_edit=i == steps - 1)
+                          stage="mask+edit" if i == steps - 1 else "mask")
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params), state, mesh
 

@@ -17,6 +17,7 @@ from helpers import tiny_config
 from sdiff_jax import checkpointing, config_lib, corruption, losses, sharding, train
 from sdiff_jax.data import pipeline
 from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.models import training_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,16 +69,34 @@ def test_loss_at_init_is_about_log2_vocab(attention, code_corpus_dir):
   setup, state, batch = _setup(config)
   objective = setup.objective
   loss_fn = jax.jit(objective, static_argnums=3)
-  losses = [float(loss_fn(state.params, batch, jax.random.key(i), False)[0]) for i in range(4)]
+  losses = [float(loss_fn(state.params, batch, jax.random.key(i), "mask")[0]) for i in range(4)]
   # E_t[w(t) gamma(t)] = 1, so the masked ELBO of a uniform predictor is log2 V per token;
   # a random init is close to uniform. Tolerance: 10% (the t-estimate is noisy).
   assert abs(np.mean(losses) / math.log2(objective.model_cfg.vocab_size) - 1) < 0.1, losses
 
 
+def test_shift_predicts_each_token_from_the_position_before_it(code_corpus_dir):
+  config = tiny_config(code_corpus_dir)
+  config.diffusion.shift = True
+  setup, state, batch = _setup(config)
+  objective = setup.objective
+  raw, _ = objective.model.apply({"params": state.params}, batch["tokens"], batch["positions"],
+                                 training_mask("bidirectional", batch["segment_ids"], 16))
+  shifted = objective.logits(state.params, batch["tokens"], batch)
+  np.testing.assert_array_equal(shifted[:, 1:], raw[:, :-1])
+  scored = np.asarray(objective.scored(batch))
+  assert not scored[np.asarray(batch["positions"]) == 0].any()  # no token before them
+  assert scored.sum() == ((np.asarray(batch["segment_ids"]) > 0)
+                          & (np.asarray(batch["positions"]) > 0)).sum()
+  config.attention = "block_causal"
+  with pytest.raises(ValueError, match="diffusion.shift"):
+    config_lib.validate(config)
+
+
 def _reconstruction_bits(objective, params, batch, gamma=0.15, repeats=8):
   """Bits per masked token at a fixed low mask rate (AR: next-token bits)."""
   if objective.mode == "causal":
-    return jnp.mean(jnp.stack([objective(params, batch, jax.random.key(i), False)[0]
+    return jnp.mean(jnp.stack([objective(params, batch, jax.random.key(i), "ar")[0]
                                for i in range(repeats)]))
   valid = batch["segment_ids"] > 0
   bits = []
@@ -107,7 +126,7 @@ def test_overfits_one_batch(attention, steps, limit, code_corpus_dir):
   measure = jax.jit(functools.partial(_reconstruction_bits, setup.objective))
   before = float(measure(state.params, batch))
   for _ in range(steps):
-    state, _ = step(state, batch, jax.random.key(0), with_edit=False)
+    state, _ = step(state, batch, jax.random.key(0), stage="mask")
   after = float(measure(state.params, batch))
   assert after < limit * before, (before, after)
 
@@ -120,8 +139,8 @@ def test_grad_accumulation_matches_one_big_batch(code_corpus_dir):
   acc = train.make_train_step(train.TrainSetup.create(config, setup.objective.model_cfg.vocab_size,
                                                       setup.mesh))
   copy = lambda s: jax.tree.map(jnp.array, s)
-  s1, m1 = one(copy(state), batch, jax.random.key(0), with_edit=False)
-  s2, m2 = acc(copy(state), batch, jax.random.key(0), with_edit=False)
+  s1, m1 = one(copy(state), batch, jax.random.key(0), stage="mask")
+  s2, m2 = acc(copy(state), batch, jax.random.key(0), stage="mask")
   # Equal-sized micro-batches of packed rows: per-token means agree up to the token counts.
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=2e-2)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
@@ -138,7 +157,7 @@ def test_golden_first_step(tmp_path):
   config = tiny_config(write_code_corpus(tmp_path / "c", 12), attention="bidirectional")
   setup, state, batch = _setup(config)
   step = train.make_train_step(setup)
-  state, metrics = step(state, batch, jax.random.key(0), with_edit=True)
+  state, metrics = step(state, batch, jax.random.key(0), stage="mask+edit")
   got = {k: float(metrics[k]) for k in ("loss", "mask_bits", "edit_bits", "grad_norm")}
   golden = GOLDEN
   for k, v in golden.items():

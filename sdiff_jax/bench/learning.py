@@ -1,15 +1,17 @@
 r"""Learning curves: AR, bidirectional and block_causal models trained on identical data.
 
     python -m sdiff_jax.bench.learning --config=configs/quickstart.py --steps=200 \
+        --modes=causal,bidirectional,bidirectional+shift,bidirectional+shift+ar=0.5 \
         --eval_steps=50,100,150,200 --json=learning.json --png=learning.png
 
 Each mode trains `--steps` steps of the config on the same batches (same data seed)
 from the same initialisation seed; at each of `--eval_steps` its held-out bits/token
 (`evaluate.nelbo`: ELBO for diffusion models, NLL for AR, with a standard error over
 a fixed, shuffled set of validation rows) is recorded against steps and training
-tokens seen, beside the unigram baseline on the same rows. A mode `A>B` trains
-`--adapt_steps` steps as A, then the rest as B from A's parameters (e.g.
-`causal>bidirectional`: an AR model adapted to diffusion; its steps count both).
+tokens seen, beside the unigram baseline on the same rows. A mode is an attention
+mode with optional `+` variants: `shift` (diffusion.shift=True), `ar=F`
+(curriculum.ar_fraction=F: the first F of the steps train the next-token loss on the
+same parameters, i.e. an AR model adapted to diffusion within the step budget).
 Writes JSON rows and, with matplotlib installed, a PNG of both curves.
 """
 
@@ -28,11 +30,10 @@ from sdiff_jax.evaluate import nelbo
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.")
 _MODES = flags.DEFINE_list("modes", ["causal", "bidirectional", "block_causal"],
-                           "Attention modes to train; A>B adapts an A model to B.")
+                           "Attention modes to train, with +shift / +ar=F variants.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps per mode (train.num_steps).")
 _EVAL_STEPS = flags.DEFINE_list("eval_steps", ["50", "100", "150", "200"],
                                 "Steps at which the held-out bits are measured.")
-_ADAPT_STEPS = flags.DEFINE_integer("adapt_steps", 100, "Steps of the first mode of A>B.")
 _HELDOUT_ROWS = flags.DEFINE_integer("heldout_rows", 64, "Held-out validation rows.")
 _REPEATS = flags.DEFINE_integer("repeats", 4, "Noise levels per held-out row (diffusion).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/sdiff_learning",
@@ -41,47 +42,48 @@ _JSON = flags.DEFINE_string("json", None, "Write the rows here.")
 _PNG = flags.DEFINE_string("png", None, "Plot bits against steps and tokens here.")
 
 
-def _stage_configs(base: ml_collections.ConfigDict, mode: str) -> list[tuple[str, int]]:
-  """[(attention, steps)] of one mode."""
-  if ">" not in mode:
-    return [(mode, _STEPS.value)]
-  first, second = mode.split(">")
-  return [(first, _ADAPT_STEPS.value), (second, _STEPS.value - _ADAPT_STEPS.value)]
+def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
+  """`base` with the attention mode and variants of `mode` (see the module docstring)."""
+  attention, *variants = mode.split("+")
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.attention = attention
+  for variant in variants:
+    name, _, value = variant.partition("=")
+    if name == "shift":
+      config.diffusion.shift = True
+    elif name == "ar":
+      config.diffusion.shift = True
+      config.curriculum.ar_fraction = float(value)
+    else:
+      raise ValueError(f"mode {mode!r}: unknown variant {variant!r} (valid: shift, ar=F)")
+  config_lib.validate(config)
+  return config
 
 
 def train_mode(base: ml_collections.ConfigDict, mode: str, tok, heldout, eval_steps: set[int],
                workdir: Workdir) -> list[dict]:
   """Trains one mode, returning a row per evaluation."""
-  rows, params, done = [], None, 0
-  mesh = sharding.make_mesh(base.mesh)
-  train_iter = iter(train.make_datasets(base, workdir, tok)[0])  # the same batches for every mode
-  start = time.perf_counter()
-  for attention, steps in _stage_configs(base, mode):
-    config = ml_collections.ConfigDict(base.to_dict())
-    config.attention, config.train.num_steps = attention, steps
-    config_lib.validate(config)
-    setup = train.TrainSetup.create(config, tok.vocab_size, mesh)
-    state = setup.init_state(jax.random.key(config.seed))
-    if params is not None:  # adaptation: the previous stage's parameters, a fresh optimizer
-      state = state.replace(params=params)
-    step_fn = train.make_train_step(setup)
-    edit_start = config_lib.edit_start_step(config)
-    key = jax.random.key(config.seed + 2)
-    for step in range(steps):
-      with_edit = attention != "causal" and step >= edit_start
-      state, metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh), key,
-                               with_edit=with_edit)
-      done += 1
-      if done in eval_steps:
-        bits = nelbo.heldout_bits(setup.objective, state.params, heldout, _REPEATS.value)
-        rows.append({"mode": mode, "attention": attention, "step": done,
-                     "tokens": done * config.train.batch_size * config.data.seq_len,
-                     "bits": bits.mean, "stderr": bits.stderr, "heldout_rows": bits.rows,
-                     "repeats": bits.repeats, "train_loss": float(metrics["loss"]),
-                     "seconds": time.perf_counter() - start})
-        print(f"{mode:>24} step {done:>5}: held-out {bits} bits/token "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
-    params = state.params
+  config = mode_config(base, mode)
+  mesh = sharding.make_mesh(config.mesh)
+  train_iter = iter(train.make_datasets(config, workdir, tok)[0])  # the same batches each mode
+  setup = train.TrainSetup.create(config, tok.vocab_size, mesh)
+  state = setup.init_state(jax.random.key(config.seed))
+  step_fn = train.make_train_step(setup)
+  key = jax.random.key(config.seed + 2)
+  rows, start = [], time.perf_counter()
+  for step in range(config.train.num_steps):
+    stage = config_lib.stage_at(config, step)
+    state, metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh), key,
+                             stage=stage)
+    if step + 1 in eval_steps:
+      bits = nelbo.heldout_bits(setup.objective, state.params, heldout, _REPEATS.value)
+      rows.append({"mode": mode, "attention": config.attention, "step": step + 1,
+                   "stage": stage, "tokens": (step + 1) * config.train.batch_size
+                   * config.data.seq_len, "bits": bits.mean, "stderr": bits.stderr,
+                   "heldout_rows": bits.rows, "repeats": bits.repeats,
+                   "train_loss": float(metrics["loss"]), "seconds": time.perf_counter() - start})
+      print(f"{mode:>28} step {step + 1:>5} [{stage}]: held-out {bits} bits/token "
+            f"({time.perf_counter() - start:.0f} s)", flush=True)
   return rows
 
 

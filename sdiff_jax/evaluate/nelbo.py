@@ -78,7 +78,7 @@ def _row_bits(objective: Objective, params, batch: Batch, key: jax.Array, repeat
     nll_BxL = losses.token_nll(objective.logits(params, tokens_BxL, batch), targets_BxL,
                                tokenizer_lib.MASK_ID)
     return jnp.where(valid_BxL, nll_BxL, 0).sum(1) / jnp.maximum(valid_BxL.sum(1), 1) / math.log(2)
-  valid_BxL = seg_BxL > 0
+  valid_BxL = objective.scored(batch)
   eps = objective.config.diffusion.time_eps
 
   def one(r):

@@ -50,7 +50,7 @@ def main():
   losses = []
   for i in range(3):
     state, metrics = step_fn(state, sharding.global_batch(local_rows(i), mesh), jax.random.key(1),
-                             with_edit=i == 2)
+                             stage="mask+edit" if i == 2 else "mask")
     losses.append(float(metrics["loss"]))
   mngr = checkpointing.manager(checkpointing.Workdir(os.path.join(out_dir, "workdir")))
   # Each process reads its own shard, so each saves (and gets back) its own data state.
@@ -59,7 +59,7 @@ def main():
   state, data = checkpointing.restore(mngr, 3, setup.abstract_state)
   assert data == {"step": 3, "process": jax.process_index()}, data
   state, metrics = step_fn(state, sharding.global_batch(local_rows(3), mesh), jax.random.key(1),
-                           with_edit=True)
+                           stage="mask+edit")
   losses.append(float(metrics["loss"]))
   mngr.close()
   params = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)),
