@@ -33,8 +33,13 @@ def get_config(attention: str = "bidirectional"):
   c.model.d_ff = 768
   c.model.tie_embeddings = False
   c.diffusion.block_size = 32
+  # The recipe that learns at this budget (bench.learning, see the README): the first half
+  # of the steps train the same parameters as an AR model (next-token loss), the rest as
+  # a diffusion model whose output at i-1 predicts token i (the AR model's alignment).
+  c.diffusion.shift = attention == "bidirectional"
+  c.curriculum.ar_fraction = 0.5 if attention == "bidirectional" else 0.0
 
-  c.train.num_steps = 200
+  c.train.num_steps = 300
   c.train.batch_size = 8
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 20

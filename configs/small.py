@@ -23,8 +23,9 @@ from sdiff_jax.config_lib import sized_config
 
 
 def get_config(preset: str = "gpu8_dp"):
-  model = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64, d_ff=1536,
-               tie_embeddings=True)
+  model = dict(
+    d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64, d_ff=1536, tie_embeddings=True
+  )
   c = sized_config(model, preset, seq_len=1024, batch_size=256)
   c.data.vocab_size = 16384
   return c

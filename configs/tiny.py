@@ -18,6 +18,13 @@ def get_config(source: str = "stdlib"):
   c.data.valid_fraction = 0.2
   c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
   c.diffusion.block_size = 16
-  c.train.update(batch_size=8, num_steps=20, warmup_steps=2, log_every=5, eval_every=10,
-                 eval_batches=2, checkpoint_every=10)
+  c.train.update(
+    batch_size=8,
+    num_steps=20,
+    warmup_steps=2,
+    log_every=5,
+    eval_every=10,
+    eval_batches=2,
+    checkpoint_every=10,
+  )
   return c

@@ -68,8 +68,9 @@ class Workdir:
     """The saved config; FileNotFoundError with a hint when this is not a workdir."""
     if not os.path.isdir(self.path) or not os.listdir(self.path):
       raise FileNotFoundError(
-          f"workdir {self.path} is missing or empty: train a model first, e.g. "
-          f"python -m sdiff_jax.main --config=configs/quickstart.py --workdir={self.path}")
+        f"workdir {self.path} is missing or empty: train a model first, e.g. "
+        f"python -m sdiff_jax.main --config=configs/quickstart.py --workdir={self.path}"
+      )
     if not os.path.isfile(self.config):
       raise FileNotFoundError(f"{self.config} is missing: {self.path} is not a training workdir")
     with open(self.config) as f:
@@ -78,23 +79,30 @@ class Workdir:
 
 def manager(workdir: Workdir, keep: int = 3) -> ocp.CheckpointManager:
   """Async orbax manager of `workdir`'s checkpoints, keeping the newest `keep`."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=True, enable_async_checkpointing=True
+  )
   return ocp.CheckpointManager(workdir.checkpoints, options=options)
 
 
 def save(mngr: ocp.CheckpointManager, state: Any, data_state: dict, force: bool = False) -> None:
   """Saves the state (at its step) and every process's `data_state` (call on all processes)."""
   data = {"process_count": jax.process_count(), "per_process": _gather_data_states(data_state)}
-  mngr.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
+  mngr.save(
+    int(state.step),
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+    force=force,
+  )
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
   """(state, this process's data iterator state) of `step`, straight into the shardings of
   `abstract_state` (ShapeDtypeStructs); CheckpointError says what went wrong."""
-  restored = _restore(mngr, step, ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  restored = _restore(
+    mngr,
+    step,
+    ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+  )
   return restored["state"], _this_process_data_state(restored["data"])
 
 
@@ -115,9 +123,17 @@ def restore_params(workdir: Workdir, step: int, abstract_params: Any) -> Any:
   mngr = ocp.CheckpointManager(workdir.checkpoints)
   item = {"params": abstract_params}
   try:
-    restored = _restore(mngr, step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+    restored = _restore(
+      mngr,
+      step,
+      ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+        )
+      ),
+    )
   finally:
     mngr.close()
   return restored["state"]["params"]
@@ -127,7 +143,8 @@ def saved_vocab_size(workdir: Workdir, step: int) -> int | None:
   """Embedding rows of a saved train state, from its metadata (None if unreadable)."""
   try:
     metadata = ocp.StandardCheckpointHandler().metadata(
-        epath.Path(os.path.join(workdir.checkpoints, str(step), "state")))
+      epath.Path(os.path.join(workdir.checkpoints, str(step), "state"))
+    )
     return int(metadata["params"]["embed"]["embedding"].shape[0])
   except Exception:  # an unexpected layout: restoring will say what is wrong
     return None
@@ -138,11 +155,18 @@ def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -
     return mngr.restore(step, args=args)
   except Exception as e:  # orbax raises many types for truncated / missing files
     others = [s for s in mngr.all_steps() if s != step]
-    hint = (f"; earlier checkpoints {others} are untouched: move {mngr.directory / str(step)} "
-            "aside to resume from the newest of them") if others else ""
+    hint = (
+      (
+        f"; earlier checkpoints {others} are untouched: move {mngr.directory / str(step)} "
+        "aside to resume from the newest of them"
+      )
+      if others
+      else ""
+    )
     raise CheckpointError(
-        f"checkpoint step {step} in {mngr.directory} could not be restored: "
-        f"{type(e).__name__}: {str(e)[:300]}{hint}") from e
+      f"checkpoint step {step} in {mngr.directory} could not be restored: "
+      f"{type(e).__name__}: {str(e)[:300]}{hint}"
+    ) from e
 
 
 def _this_process_data_state(saved: dict) -> dict | None:
@@ -153,9 +177,12 @@ def _this_process_data_state(saved: dict) -> dict | None:
   if "per_process" not in saved:  # written before per-process states: one process's
     return saved
   if saved["process_count"] != count:
-    logging.warning("checkpoint's data iterator states come from %d processes, this run has %d: "
-                    "the data stream restarts (the model state is restored)",
-                    saved["process_count"], count)
+    logging.warning(
+      "checkpoint's data iterator states come from %d processes, this run has %d: "
+      "the data stream restarts (the model state is restored)",
+      saved["process_count"],
+      count,
+    )
     return None
   return saved["per_process"][index]
 
@@ -166,9 +193,10 @@ def _gather_data_states(data_state: dict) -> list[dict]:
   if jax.process_count() == 1:
     return [data_state]
   from jax.experimental import multihost_utils
+
   raw_N = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
   lengths_P = np.asarray(multihost_utils.process_allgather(np.int32(raw_N.size)))
   padded_N = np.zeros(int(lengths_P.max()), np.uint8)
-  padded_N[:raw_N.size] = raw_N
+  padded_N[: raw_N.size] = raw_N
   every_PxN = np.asarray(multihost_utils.process_allgather(padded_N))
   return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every_PxN, lengths_P)]

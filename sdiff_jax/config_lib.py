@@ -104,14 +104,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
   c.mesh.logical_axis_rules = (
-      ("batch", ("data", "fsdp")),
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("mlp", "tensor"),
-      ("head_dim", None),
-      ("layers", None),
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
   )
   return c
 
@@ -126,15 +126,17 @@ def from_file(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path} does not exist")
-  module_spec = importlib.util.spec_from_file_location(
-      f"sdiff_config_{abs(hash(path))}", path)
+  module_spec = importlib.util.spec_from_file_location(f"sdiff_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
 
 
 # Fields that moved since config.json files were first written: old path -> new path.
-_MOVED = {("model", "attention"): ("attention",), ("model", "block_size"): ("diffusion", "block_size")}
+_MOVED = {
+  ("model", "attention"): ("attention",),
+  ("model", "block_size"): ("diffusion", "block_size"),
+}
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
@@ -204,40 +206,72 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, "model.dtype", tuple(DTYPES))
   _choice(config, "model.attention_impl", ATTENTION_IMPLS)
   _choice(config, "train.nonfinite", NONFINITE_POLICIES)
-  for field, fn in (("diffusion.gamma_schedule", schedules.get_gamma_schedule),
-                    ("diffusion.alpha_schedule",
-                     lambda n: schedules.get_alpha_schedule(n, config.diffusion.alpha_max))):
+  for field, fn in (
+    ("diffusion.gamma_schedule", schedules.get_gamma_schedule),
+    (
+      "diffusion.alpha_schedule",
+      lambda n: schedules.get_alpha_schedule(n, config.diffusion.alpha_max),
+    ),
+  ):
     try:
       fn(config[field.split(".")[0]][field.split(".")[1]])
     except ValueError as e:
       raise ValueError(f"config.{field}: {e}") from None
-  positive = ("data.seq_len", "diffusion.block_size", "model.attention_chunk", "model.d_model",
-              "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
-              "train.num_steps", "train.batch_size", "train.grad_accum_steps",
-              "train.log_every", "train.eval_every", "train.eval_batches",
-              "train.checkpoint_every", "train.keep_checkpoints")
+  positive = (
+    "data.seq_len",
+    "diffusion.block_size",
+    "model.attention_chunk",
+    "model.d_model",
+    "model.n_layers",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.head_dim",
+    "model.d_ff",
+    "train.num_steps",
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+  )
   for field in positive:
     section, name = field.split(".")
     if config[section][name] <= 0:
       _fail(field, config[section][name], "must be positive")
-  nonnegative = ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
-                 "train.grad_clip", "curriculum.edit_weight", "diffusion.time_eps",
-                 "data.valid_fraction")
+  nonnegative = (
+    "train.learning_rate",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "curriculum.edit_weight",
+    "diffusion.time_eps",
+    "data.valid_fraction",
+  )
   for field in nonnegative:
     section, name = field.split(".")
     if config[section][name] < 0:
       _fail(field, config[section][name], "must not be negative")
   m, d = config.model, config.data
   if d.tokenizer == "bpe" and d.vocab_size < tokenizer_lib.MIN_BPE_VOCAB:
-    _fail("data.vocab_size", d.vocab_size,
-          f"a BPE vocabulary needs at least {tokenizer_lib.MIN_BPE_VOCAB} ids "
-          f"(256 bytes + {tokenizer_lib.NUM_SPECIAL} specials)")
+    _fail(
+      "data.vocab_size",
+      d.vocab_size,
+      f"a BPE vocabulary needs at least {tokenizer_lib.MIN_BPE_VOCAB} ids "
+      f"(256 bytes + {tokenizer_lib.NUM_SPECIAL} specials)",
+    )
   if config.diffusion.shift and config.attention == "block_causal":
-    _fail("diffusion.shift", True, "is implemented for bidirectional models (and ignored by "
-          "causal ones), not yet for block_causal")
+    _fail(
+      "diffusion.shift",
+      True,
+      "is implemented for bidirectional models (and ignored by "
+      "causal ones), not yet for block_causal",
+    )
   if config.attention == "block_causal" and d.seq_len % config.diffusion.block_size:
-    _fail("diffusion.block_size", config.diffusion.block_size,
-          f"must divide data.seq_len={d.seq_len}")
+    _fail(
+      "diffusion.block_size", config.diffusion.block_size, f"must divide data.seq_len={d.seq_len}"
+    )
   if m.n_heads % m.n_kv_heads:
     _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
   if m.head_dim % 2:
@@ -246,11 +280,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= cur.edit_start_fraction <= 1.0:
     _fail("curriculum.edit_start_fraction", cur.edit_start_fraction, "must be in [0, 1]")
   if not 0.0 <= cur.ar_fraction <= cur.edit_start_fraction:
-    _fail("curriculum.ar_fraction", cur.ar_fraction,
-          f"must be in [0, edit_start_fraction={cur.edit_start_fraction}]")
+    _fail(
+      "curriculum.ar_fraction",
+      cur.ar_fraction,
+      f"must be in [0, edit_start_fraction={cur.edit_start_fraction}]",
+    )
   if cur.ar_fraction and config.attention == "bidirectional" and not config.diffusion.shift:
-    _fail("curriculum.ar_fraction", cur.ar_fraction,
-          "an AR stage needs diffusion.shift=True (its outputs predict the next token)")
+    _fail(
+      "curriculum.ar_fraction",
+      cur.ar_fraction,
+      "an AR stage needs diffusion.shift=True (its outputs predict the next token)",
+    )
   if cur.ar_fraction and config.attention == "block_causal":
     _fail("curriculum.ar_fraction", cur.ar_fraction, "is for bidirectional models")
   if not 0.0 < config.diffusion.time_eps < 1.0:
@@ -259,15 +299,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if window < 0:
     _fail("diffusion.edit_window", window, "must not be negative")
   if config.diffusion.alpha_max * (window + 1) > 1:
-    _fail("diffusion.alpha_max", config.diffusion.alpha_max,
-          f"must be at most 1 / (edit_window + 1) = {1 / (window + 1):.3f}: each window of "
-          "edit_window + 1 tokens holds at most one edit")
+    _fail(
+      "diffusion.alpha_max",
+      config.diffusion.alpha_max,
+      f"must be at most 1 / (edit_window + 1) = {1 / (window + 1):.3f}: each window of "
+      "edit_window + 1 tokens holds at most one edit",
+    )
   probs = tuple(config.diffusion.edit_op_probs)
   if len(probs) != 3 or min(probs) < 0 or sum(probs) <= 0:
-    _fail("diffusion.edit_op_probs", probs, "must be 3 non-negative weights (sub, del, ins), not all 0")
+    _fail(
+      "diffusion.edit_op_probs", probs, "must be 3 non-negative weights (sub, del, ins), not all 0"
+    )
   if config.train.batch_size % config.train.grad_accum_steps:
-    _fail("train.grad_accum_steps", config.train.grad_accum_steps,
-          f"must divide train.batch_size={config.train.batch_size}")
+    _fail(
+      "train.grad_accum_steps",
+      config.train.grad_accum_steps,
+      f"must divide train.batch_size={config.train.batch_size}",
+    )
   for name in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor"):
     size = config.mesh[name]
     if size == 0 or size < -1:
@@ -296,17 +344,19 @@ def stage_at(config: ml_collections.ConfigDict, step: int) -> str:
 # Meshes for the sized configs. `fsdp` shards parameters and optimizer state;
 # `dcn_*` spans nodes / slices (set dcn_data to the number of nodes or slices).
 MESH_PRESETS = {
-    "cpu": dict(data=-1, fsdp=1, tensor=1),
-    "gpu8": dict(data=1, fsdp=8, tensor=1),  # one node of 8 H100 / H200 / H20
-    "gpu8_dp": dict(data=8, fsdp=1, tensor=1),  # one node, data parallel (small models)
-    "gpu_multinode": dict(data=1, fsdp=8, tensor=1, dcn_data=2),  # 2 nodes x 8 GPUs
-    "tpu_v5p": dict(data=1, fsdp=-1, tensor=1),  # a v5p slice, all chips fsdp
-    "tpu_v5e": dict(data=1, fsdp=-1, tensor=1),  # a v5e slice (16 GB HBM / chip)
-    "tpu_multislice": dict(data=1, fsdp=-1, tensor=1, dcn_data=2),  # 2 slices
+  "cpu": dict(data=-1, fsdp=1, tensor=1),
+  "gpu8": dict(data=1, fsdp=8, tensor=1),  # one node of 8 H100 / H200 / H20
+  "gpu8_dp": dict(data=8, fsdp=1, tensor=1),  # one node, data parallel (small models)
+  "gpu_multinode": dict(data=1, fsdp=8, tensor=1, dcn_data=2),  # 2 nodes x 8 GPUs
+  "tpu_v5p": dict(data=1, fsdp=-1, tensor=1),  # a v5p slice, all chips fsdp
+  "tpu_v5e": dict(data=1, fsdp=-1, tensor=1),  # a v5e slice (16 GB HBM / chip)
+  "tpu_multislice": dict(data=1, fsdp=-1, tensor=1, dcn_data=2),  # 2 slices
 }
 
 
-def sized_config(model: dict, preset: str, seq_len: int, batch_size: int) -> ml_collections.ConfigDict:
+def sized_config(
+  model: dict, preset: str, seq_len: int, batch_size: int
+) -> ml_collections.ConfigDict:
   """A large-model config: bf16 compute, remat, BPE 32k, the mesh of `preset`."""
   if preset not in MESH_PRESETS:
     raise ValueError(f"unknown mesh preset {preset!r}; valid: {tuple(MESH_PRESETS)}")

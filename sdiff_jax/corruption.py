@@ -55,12 +55,12 @@ _EDIT_STATIC = ("vocab_size", "window", "alpha_max", "op_probs", "num_special")
 
 @functools.partial(jax.jit, static_argnames=("mask_id",))
 def mask_corrupt(
-    key: jax.Array,
-    tokens_BxL: jax.Array,
-    gamma_B: jax.Array,
-    valid_BxL: jax.Array,
-    *,
-    mask_id: int = MASK_ID,
+  key: jax.Array,
+  tokens_BxL: jax.Array,
+  gamma_B: jax.Array,
+  valid_BxL: jax.Array,
+  *,
+  mask_id: int = MASK_ID,
 ) -> tuple[jax.Array, jax.Array]:
   """Replaces each valid token by `mask_id` with probability gamma_B (one per row).
 
@@ -98,23 +98,29 @@ class EditResult(NamedTuple):
   ops: EditOps  # what was applied, for tests and inspection
 
 
-def _check_edit_args(vocab_size: int, window: int, alpha_max: float,
-                     op_probs: tuple[float, float, float], num_special: int) -> None:
+def _check_edit_args(
+  vocab_size: int,
+  window: int,
+  alpha_max: float,
+  op_probs: tuple[float, float, float],
+  num_special: int,
+) -> None:
   if vocab_size - num_special < 2:
     raise ValueError(
-        f"Need >= 2 real tokens to substitute, got vocab_size={vocab_size}, "
-        f"num_special={num_special}."
+      f"Need >= 2 real tokens to substitute, got vocab_size={vocab_size}, "
+      f"num_special={num_special}."
     )
   if not (isinstance(window, int) and window >= 0):
     raise ValueError(f"window (w, tokens a pair may shift) must be an int >= 0, got {window!r}.")
   if not 0.0 <= alpha_max * (window + 1) <= 1.0:
     raise ValueError(
-        f"Need 0 <= alpha_max <= 1 / (window + 1) so that every segment has a window for "
-        f"each of its floor(len * alpha) operations; got alpha_max={alpha_max}, "
-        f"window={window} (the paper uses alpha_max <= 0.1: window <= 9).")
+      f"Need 0 <= alpha_max <= 1 / (window + 1) so that every segment has a window for "
+      f"each of its floor(len * alpha) operations; got alpha_max={alpha_max}, "
+      f"window={window} (the paper uses alpha_max <= 0.1: window <= 9)."
+    )
   if len(op_probs) != 3 or min(op_probs) < 0 or sum(op_probs) <= 0:
     raise ValueError(
-        f"op_probs = (sub, del, ins) must be 3 non-negative weights, not all 0; got {op_probs}."
+      f"op_probs = (sub, del, ins) must be 3 non-negative weights, not all 0; got {op_probs}."
     )
 
 
@@ -130,17 +136,17 @@ def _previous(x_L: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=_EDIT_STATIC)
 def edit_corrupt(
-    key: jax.Array,
-    tokens_L: jax.Array,
-    segment_ids_L: jax.Array,
-    positions_L: jax.Array,
-    alpha: jax.Array,
-    *,
-    vocab_size: int,
-    window: int = 4,
-    alpha_max: float = 0.1,
-    op_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
-    num_special: int = NUM_SPECIAL,
+  key: jax.Array,
+  tokens_L: jax.Array,
+  segment_ids_L: jax.Array,
+  positions_L: jax.Array,
+  alpha: jax.Array,
+  *,
+  vocab_size: int,
+  window: int = 4,
+  alpha_max: float = 0.1,
+  op_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+  num_special: int = NUM_SPECIAL,
 ) -> EditResult:
   """Edits each segment of one packed row with k_doc = floor(len_doc * alpha) cost.
 
@@ -168,7 +174,8 @@ def edit_corrupt(
 
   # One draw of random bits for everything (each threefry call costs compile time).
   order_bits_S, kind_bits_S, a_bits_S, b_bits_S, token_bits_S = jnp.moveaxis(
-      jax.random.bits(key, (seq_len, 5), jnp.uint32), -1, 0)
+    jax.random.bits(key, (seq_len, 5), jnp.uint32), -1, 0
+  )
   # Requested kind: categorical(op_probs) from 24 bits, exact integer thresholds.
   total = sum(op_probs)
   thresholds = [math.floor(sum(op_probs[:j]) / total * 2**24) for j in (1, 2)]
@@ -179,8 +186,9 @@ def edit_corrupt(
   # Windows in a random order per segment: sort by (segment, random bits); slot J.
   seg_key_S = jnp.where(win_edge_L, seg_start_L, seq_len)
   seg_key_J, _, start_J = jax.lax.sort((seg_key_S, order_bits_S, idx_L), num_keys=2)
-  first_J = jax.lax.cummax(jnp.where(
-      (idx_L == 0) | (seg_key_J != _previous(seg_key_J)), idx_L, 0))  # segment's first slot
+  first_J = jax.lax.cummax(
+    jnp.where((idx_L == 0) | (seg_key_J != _previous(seg_key_J)), idx_L, 0)
+  )  # segment's first slot
   want_J, budget_J = want_S[start_J], budget_S[start_J]
   cost_J = jnp.where(want_J == SUB, 1, 2)
   spent_J = jnp.cumsum(cost_J) - cost_J  # cost of the slots before, across segments
@@ -202,42 +210,50 @@ def edit_corrupt(
   orig_S = tokens_L[jnp.minimum(p_S, seq_len - 1)].astype(jnp.int32)
   orig_real_S = (orig_S >= num_special) & (orig_S < vocab_size)
   sub_draw_S = _below(token_bits_S, num_real - orig_real_S.astype(jnp.int32))
-  sub_token_S = jnp.where(orig_real_S, (orig_S - num_special + 1 + sub_draw_S) % num_real,
-                          sub_draw_S)
+  sub_token_S = jnp.where(
+    orig_real_S, (orig_S - num_special + 1 + sub_draw_S) % num_real, sub_draw_S
+  )
   token_S = num_special + jnp.where(is_sub_S, sub_token_S, _below(token_bits_S, num_real))
 
   # Each position reads its window's op: a new token, or x0 one to the left / right.
   kind_L, p_L, q_L = kind_S[win_start_L], p_S[win_start_L], q_S[win_start_L]
   kind_L = jnp.where(valid_L, kind_L, NO_OP)
   is_new_L = (((kind_L == SUB) | (kind_L == INS_DEL)) & (idx_L == p_L)) | (
-      (kind_L == DEL_INS) & (idx_L == q_L))
+    (kind_L == DEL_INS) & (idx_L == q_L)
+  )
   in_span_L = (p_L <= idx_L) & (idx_L <= q_L)
   shift_L = in_span_L * ((kind_L == DEL_INS).astype(jnp.int32) - (kind_L == INS_DEL))
   source_L = jnp.clip(idx_L + shift_L, 0, seq_len - 1)
   noisy_L = jnp.where(is_new_L, token_S[win_start_L].astype(tokens_L.dtype), tokens_L[source_L])
 
   num_sub, num_del_ins, num_ins_del = (
-      (kind_J == op).sum(dtype=jnp.int32) for op in (SUB, DEL_INS, INS_DEL))
+    (kind_J == op).sum(dtype=jnp.int32) for op in (SUB, DEL_INS, INS_DEL)
+  )
   start_or_none_J = lambda x_S: jnp.where(active_J, x_S[start_J], -1)
   return EditResult(
-      tokens=noisy_L,
-      changed=valid_L & (noisy_L != tokens_L),
-      num_sub=num_sub,
-      num_del_ins=num_del_ins,
-      num_ins_del=num_ins_del,
-      num_edits=num_sub + 2 * (num_del_ins + num_ins_del),
-      ops=EditOps(kind=kind_J, p=start_or_none_J(p_S), q=start_or_none_J(q_S),
-                  token=start_or_none_J(token_S)),
+    tokens=noisy_L,
+    changed=valid_L & (noisy_L != tokens_L),
+    num_sub=num_sub,
+    num_del_ins=num_del_ins,
+    num_ins_del=num_ins_del,
+    num_edits=num_sub + 2 * (num_del_ins + num_ins_del),
+    ops=EditOps(
+      kind=kind_J, p=start_or_none_J(p_S), q=start_or_none_J(q_S), token=start_or_none_J(token_S)
+    ),
   )
 
 
 @functools.partial(jax.jit, static_argnames=_EDIT_STATIC)
 def edit_corrupt_batch(
-    key: jax.Array, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array,
-    positions_BxL: jax.Array, alpha_B: jax.Array, **kwargs
+  key: jax.Array,
+  tokens_BxL: jax.Array,
+  segment_ids_BxL: jax.Array,
+  positions_BxL: jax.Array,
+  alpha_B: jax.Array,
+  **kwargs,
 ) -> EditResult:
   """edit_corrupt over a batch, one key per row split from `key`; kwargs as there."""
   keys_B = jax.random.split(key, tokens_BxL.shape[0])
   return jax.vmap(functools.partial(edit_corrupt, **kwargs))(
-      keys_B, tokens_BxL, segment_ids_BxL, positions_BxL, alpha_B
+    keys_B, tokens_BxL, segment_ids_BxL, positions_BxL, alpha_B
   )

@@ -78,14 +78,17 @@ def load_model(workdir: str) -> Loaded:
   tok = tokenizer_lib.load_tokenizer(paths.tokenizer)
   mesh = _sampling_mesh(config)
   objective = Objective(config, tok.vocab_size)
-  boxed = jax.eval_shape(lambda key: objective.init_params(key, config.data.seq_len),
-                         jax.random.key(0))
+  boxed = jax.eval_shape(
+    lambda key: objective.init_params(key, config.data.seq_len), jax.random.key(0)
+  )
   abstract_params, _ = sharding.abstract_sharded(boxed, mesh, sharding.rules(config.mesh))
   step = checkpointing.latest_step(paths)
   vocab = checkpointing.saved_vocab_size(paths, step)
   if vocab is not None and vocab != tok.vocab_size:
-    raise ValueError(f"tokenizer in {paths.tokenizer} has {tok.vocab_size} ids but checkpoint "
-                     f"step {step} has a vocabulary of {vocab}: they come from different runs")
+    raise ValueError(
+      f"tokenizer in {paths.tokenizer} has {tok.vocab_size} ids but checkpoint "
+      f"step {step} has a vocabulary of {vocab}: they come from different runs"
+    )
   params = checkpointing.restore_params(paths, step, abstract_params)
   return Loaded(config, tok, params)
 
@@ -93,9 +96,9 @@ def load_model(workdir: str) -> Loaded:
 def settings_for(config: ml_collections.ConfigDict, **overrides) -> sampling.Settings:
   """Sampling settings for a workdir's model: its attention mode and block size by default."""
   defaults = {
-      "attention": config.attention,
-      "block_size": config.diffusion.block_size,
-      "shift": bool(config.diffusion.shift) and config.attention == "bidirectional",
+    "attention": config.attention,
+    "block_size": config.diffusion.block_size,
+    "shift": bool(config.diffusion.shift) and config.attention == "bidirectional",
   }
   settings = sampling.Settings(**{**defaults, **overrides})
   settings.validate()
@@ -109,14 +112,16 @@ def encode_prompts(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int) 
   for i, row in enumerate(ids):
     if len(row) + max_new_tokens > context:
       raise ValueError(
-          f"prompt {i} is {len(row)} tokens (BOS included); with max_new_tokens={max_new_tokens} "
-          f"that needs {len(row) + max_new_tokens} positions, but the model was trained on a "
-          f"context of {context} (data.seq_len): shorten the prompt or lower max_new_tokens")
+        f"prompt {i} is {len(row)} tokens (BOS included); with max_new_tokens={max_new_tokens} "
+        f"that needs {len(row) + max_new_tokens} positions, but the model was trained on a "
+        f"context of {context} (data.seq_len): shorten the prompt or lower max_new_tokens"
+      )
   return ids
 
 
-def complete(model: str | Loaded, prompts: Sequence[str], seed: int = 0,
-             **settings: Any) -> tuple[list[str], Stats]:
+def complete(
+  model: str | Loaded, prompts: Sequence[str], seed: int = 0, **settings: Any
+) -> tuple[list[str], Stats]:
   """Completions of `prompts` (text after the prompt, up to EOS) and what decoding took.
 
   `model` is a workdir or `load_model`'s result; `settings` are `sampling.Settings` fields.
@@ -133,8 +138,9 @@ def complete(model: str | Loaded, prompts: Sequence[str], seed: int = 0,
       rows = sharding.batch_sharding(mesh)
       prompt_BxP, lens_B = jax.device_put(prompt_BxP, rows), jax.device_put(lens_B, rows)
   start = time.perf_counter()
-  gen = jax.device_get(sampling.generate(decoder, loaded.params, prompt_BxP, lens_B,
-                                         jax.random.key(seed), s))
+  gen = jax.device_get(
+    sampling.generate(decoder, loaded.params, prompt_BxP, lens_B, jax.random.key(seed), s)
+  )
   seconds = time.perf_counter() - start
   texts = [loaded.tokenizer.decode(row[:n]) for row, n in zip(gen.tokens, gen.lengths)]
   return texts, Stats(gen, s, ids, seconds)
@@ -148,15 +154,17 @@ def trajectory_frames(tokenizer: tokenizer_lib.Tokenizer, stats: Stats, row: int
   gen, size = stats.generation, stats.settings.block_size
   frames = []
   for j, steps in enumerate(gen.block_steps):
-    tokens_K = gen.tokens[row, j * size:(j + 1) * size]
-    commit_K = gen.commit_step[row, j * size:(j + 1) * size]
+    tokens_K = gen.tokens[row, j * size : (j + 1) * size]
+    commit_K = gen.commit_step[row, j * size : (j + 1) * size]
     for step in range(int(steps)):
-      pieces = [tokenizer.decode([t]) if 0 <= c <= step else MASK_CHAR
-                for t, c in zip(tokens_K, commit_K) if c >= 0]
+      pieces = [
+        tokenizer.decode([t]) if 0 <= c <= step else MASK_CHAR
+        for t, c in zip(tokens_K, commit_K)
+        if c >= 0
+      ]
       text = "".join(pieces).replace("\n", NEWLINE_CHAR)
       frames.append(f"block {j} step {step + 1}/{steps}: {text}")
   return frames
-
 
 
 def read_prompts(path: str) -> list[str]:

@@ -32,8 +32,9 @@ def _per_token_bits(total_nats: jax.Array, count: jax.Array) -> jax.Array:
   return total_nats / jnp.maximum(count, 1) / LN2
 
 
-def masked_diffusion_bits(nll_BxL: jax.Array, is_masked_BxL: jax.Array,
-                          weight_B: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+def masked_diffusion_bits(
+  nll_BxL: jax.Array, is_masked_BxL: jax.Array, weight_B: jax.Array, valid_BxL: jax.Array
+) -> jax.Array:
   """Continuous-time masked-diffusion ELBO (an upper bound on NLL), bits/token."""
   weighted_BxL = weight_B[:, None] * jnp.where(is_masked_BxL, nll_BxL, 0.0)
   return _per_token_bits(weighted_BxL.sum(), valid_BxL.sum())
@@ -44,8 +45,9 @@ def mean_bits(nll_BxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
   return _per_token_bits(jnp.where(valid_BxL, nll_BxL, 0.0).sum(), valid_BxL.sum())
 
 
-def copy_baseline_bits(inputs_BxL: jax.Array, targets_BxL: jax.Array, valid_BxL: jax.Array,
-                       num_real: int) -> tuple[jax.Array, jax.Array]:
+def copy_baseline_bits(
+  inputs_BxL: jax.Array, targets_BxL: jax.Array, valid_BxL: jax.Array, num_real: int
+) -> tuple[jax.Array, jax.Array]:
   """(copy-baseline bits/token, kept fraction f) of a corrupted batch.
 
   f is the fraction of valid positions whose input equals the target. The copy
@@ -58,13 +60,15 @@ def copy_baseline_bits(inputs_BxL: jax.Array, targets_BxL: jax.Array, valid_BxL:
   """
   count = jnp.maximum(valid_BxL.sum(), 1)
   f = (valid_BxL & (inputs_BxL == targets_BxL)).sum() / count
-  nats = -(jax.scipy.special.xlogy(f, f)
-           + jax.scipy.special.xlogy(1.0 - f, (1.0 - f) / (num_real - 1)))
+  nats = -(
+    jax.scipy.special.xlogy(f, f) + jax.scipy.special.xlogy(1.0 - f, (1.0 - f) / (num_real - 1))
+  )
   return nats / LN2, f
 
 
-def next_token_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array
-                       ) -> tuple[jax.Array, jax.Array]:
+def next_token_targets(
+  tokens_BxL: jax.Array, segment_ids_BxL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Targets shifted left by one and where they are valid (same document)."""
   targets_BxL = jnp.roll(tokens_BxL, -1, axis=1)
   next_seg_BxL = jnp.roll(segment_ids_BxL, -1, axis=1)

@@ -23,14 +23,21 @@ from sdiff_jax import checkpointing, train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and logs.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-process runs "
-    "(auto-detected on TPU pods and under Slurm when omitted).")
+  "coordinator_address",
+  None,
+  "host:port of process 0 for multi-process runs "
+  "(auto-detected on TPU pods and under Slurm when omitted).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 _PROMPTS = flags.DEFINE_multi_string(
-    "sample_prompts", ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n"],
-    "Prompts completed after training; pass --sample_prompts= (empty) to skip sampling.")
-_STEPS_PER_BLOCK = flags.DEFINE_integer("steps_per_block", 4, "Denoising steps per block when sampling.")
+  "sample_prompts",
+  ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n"],
+  "Prompts completed after training; pass --sample_prompts= (empty) to skip sampling.",
+)
+_STEPS_PER_BLOCK = flags.DEFINE_integer(
+  "steps_per_block", 4, "Denoising steps per block when sampling."
+)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -39,8 +46,7 @@ def initialize_distributed() -> None:
   """Joins a multi-process JAX job when asked to (flags) or when the cluster says so."""
   if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None:
     if None in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
-      raise app.UsageError(
-          "--coordinator_address, --num_processes and --process_id go together")
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
     if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -68,16 +74,22 @@ def show_samples(prompts: list[str]) -> None:
   """Completes `prompts` with the trained model and prints them with decoding statistics."""
   from sdiff_jax import inference  # the sampler is only needed once training is done
 
-  texts, stats = inference.complete(_WORKDIR.value, prompts,
-                                    steps_per_block=_STEPS_PER_BLOCK.value,
-                                    max_new_tokens=_MAX_NEW_TOKENS.value)
+  texts, stats = inference.complete(
+    _WORKDIR.value,
+    prompts,
+    steps_per_block=_STEPS_PER_BLOCK.value,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+  )
   if jax.process_index() != 0:
     return
   for prompt, text in zip(prompts, texts):
     print(f"----- prompt: {prompt!r}\n{prompt}{text}")
-  print(f"----- {stats.settings.attention} decoding: NFE {stats.nfe}, "
-        f"{stats.tokens_per_forward:.2f} tokens per forward, {stats.seconds:.1f} s "
-        "(compilation included)", flush=True)
+  print(
+    f"----- {stats.settings.attention} decoding: NFE {stats.nfe}, "
+    f"{stats.tokens_per_forward:.2f} tokens per forward, {stats.seconds:.1f} s "
+    "(compilation included)",
+    flush=True,
+  )
 
 
 def run():

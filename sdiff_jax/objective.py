@@ -43,8 +43,9 @@ class Objective:
     self.mode = config.attention
     self.shift = bool(config.diffusion.shift) and self.mode != "causal"
     self.gamma = schedules.get_gamma_schedule(config.diffusion.gamma_schedule)
-    self.alpha = schedules.get_alpha_schedule(config.diffusion.alpha_schedule,
-                                              config.diffusion.alpha_max)
+    self.alpha = schedules.get_alpha_schedule(
+      config.diffusion.alpha_schedule, config.diffusion.alpha_max
+    )
 
   @property
   def input_length_factor(self) -> int:
@@ -81,55 +82,73 @@ class Objective:
   def next_token_logits(self, params, batch: Batch) -> jax.Array:
     """The model under a causal mask: output i predicts token i + 1 (the "ar" stage)."""
     mask = training_mask("causal", batch["segment_ids"], self.config.diffusion.block_size)
-    logits_BxLxV, _ = self.model.apply({"params": params}, batch["tokens"], batch["positions"],
-                                       mask)
+    logits_BxLxV, _ = self.model.apply(
+      {"params": params}, batch["tokens"], batch["positions"], mask
+    )
     return logits_BxLxV
 
-  def __call__(self, params, batch: Batch, key: jax.Array, stage: str
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(
+    self, params, batch: Batch, key: jax.Array, stage: str
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of one batch; `valid_tokens` weighs the metrics across batches."""
     tokens_BxL, seg_BxL = batch["tokens"], batch["segment_ids"]
     valid_BxL = seg_BxL > 0
     metrics = {"valid_tokens": valid_BxL.sum().astype(jnp.float32)}
     if stage == "ar" or self.mode == "causal":
       targets_BxL, target_valid_BxL = losses.next_token_targets(tokens_BxL, seg_BxL)
-      nll_BxL = losses.token_nll(self.next_token_logits(params, batch), targets_BxL,
-                                 tokenizer_lib.MASK_ID)
+      nll_BxL = losses.token_nll(
+        self.next_token_logits(params, batch), targets_BxL, tokenizer_lib.MASK_ID
+      )
       loss = losses.mean_bits(nll_BxL, target_valid_BxL)
       return loss, {**metrics, "loss": loss, "ar_bits": loss}
 
     time_key, mask_key, edit_time_key, edit_key = jax.random.split(key, 4)
     d = self.config.diffusion
     valid_BxL = self.scored(batch)
-    t_B = schedules.sample_times(time_key, tokens_BxL.shape[0], eps=d.time_eps,
-                                 antithetic=d.antithetic)
+    t_B = schedules.sample_times(
+      time_key, tokens_BxL.shape[0], eps=d.time_eps, antithetic=d.antithetic
+    )
     noisy_BxL, is_masked_BxL = corruption.mask_corrupt(
-        mask_key, tokens_BxL, self.gamma.gamma(t_B), valid_BxL)
-    nll_BxL = losses.token_nll(self.logits(params, noisy_BxL, batch), tokens_BxL,
-                               tokenizer_lib.MASK_ID)
+      mask_key, tokens_BxL, self.gamma.gamma(t_B), valid_BxL
+    )
+    nll_BxL = losses.token_nll(
+      self.logits(params, noisy_BxL, batch), tokens_BxL, tokenizer_lib.MASK_ID
+    )
     mask_bits = losses.masked_diffusion_bits(
-        nll_BxL, is_masked_BxL, schedules.elbo_weight(self.gamma, t_B), valid_BxL)
-    metrics.update(mask_bits=mask_bits,
-                   mask_rate=is_masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1))
+      nll_BxL, is_masked_BxL, schedules.elbo_weight(self.gamma, t_B), valid_BxL
+    )
+    metrics.update(
+      mask_bits=mask_bits, mask_rate=is_masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1)
+    )
     loss = mask_bits
     if stage == "mask+edit":
       # Each document of a row is edited on its own, length-preserving, with local
       # del-ins / ins-del pairs (see corruption.py): the model reads the edited row at
       # the row's own segments and positions and predicts x0 at every valid position.
-      s_B = schedules.sample_times(edit_time_key, tokens_BxL.shape[0], eps=d.time_eps,
-                                   antithetic=d.antithetic)
+      s_B = schedules.sample_times(
+        edit_time_key, tokens_BxL.shape[0], eps=d.time_eps, antithetic=d.antithetic
+      )
       edited = corruption.edit_corrupt_batch(
-          edit_key, tokens_BxL, seg_BxL, batch["positions"], self.alpha.alpha(s_B),
-          vocab_size=self.model_cfg.vocab_size, window=d.edit_window, alpha_max=d.alpha_max,
-          op_probs=tuple(d.edit_op_probs))
-      edit_nll_BxL = losses.token_nll(self.logits(params, edited.tokens, batch), tokens_BxL,
-                                      tokenizer_lib.MASK_ID)
+        edit_key,
+        tokens_BxL,
+        seg_BxL,
+        batch["positions"],
+        self.alpha.alpha(s_B),
+        vocab_size=self.model_cfg.vocab_size,
+        window=d.edit_window,
+        alpha_max=d.alpha_max,
+        op_probs=tuple(d.edit_op_probs),
+      )
+      edit_nll_BxL = losses.token_nll(
+        self.logits(params, edited.tokens, batch), tokens_BxL, tokenizer_lib.MASK_ID
+      )
       edit_bits = losses.mean_bits(edit_nll_BxL, valid_BxL)
       copy_bits, kept_fraction = losses.copy_baseline_bits(
-          edited.tokens, tokens_BxL, valid_BxL,
-          self.model_cfg.vocab_size - tokenizer_lib.NUM_SPECIAL)
+        edited.tokens, tokens_BxL, valid_BxL, self.model_cfg.vocab_size - tokenizer_lib.NUM_SPECIAL
+      )
       loss = loss + self.config.curriculum.edit_weight * edit_bits
-      metrics.update(edit_bits=edit_bits, edit_copy_bits=copy_bits,
-                     edit_kept_fraction=kept_fraction)
+      metrics.update(
+        edit_bits=edit_bits, edit_copy_bits=copy_bits, edit_kept_fraction=kept_fraction
+      )
     metrics["loss"] = loss
     return loss, metrics

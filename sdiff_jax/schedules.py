@@ -45,19 +45,19 @@ def _f32(t: jax.Array) -> jax.Array:
 
 def _poly(power: float, name: str) -> GammaSchedule:
   return GammaSchedule(
-      name=name,
-      gamma=lambda t: _f32(t) ** power,
-      dgamma=lambda t: power * _f32(t) ** (power - 1.0),
-      weight=lambda t: power / _f32(t),
+    name=name,
+    gamma=lambda t: _f32(t) ** power,
+    dgamma=lambda t: power * _f32(t) ** (power - 1.0),
+    weight=lambda t: power / _f32(t),
   )
 
 
 # 1 - cos(pi t / 2) = 2 sin^2(pi t / 4); the second form has no cancellation at small t.
 _COSINE = GammaSchedule(
-    name="cosine",
-    gamma=lambda t: 2.0 * jnp.sin(jnp.pi / 4 * _f32(t)) ** 2,
-    dgamma=lambda t: jnp.pi / 2 * jnp.sin(jnp.pi / 2 * _f32(t)),
-    weight=lambda t: jnp.pi / 2 / jnp.tan(jnp.pi / 4 * _f32(t)),
+  name="cosine",
+  gamma=lambda t: 2.0 * jnp.sin(jnp.pi / 4 * _f32(t)) ** 2,
+  dgamma=lambda t: jnp.pi / 2 * jnp.sin(jnp.pi / 2 * _f32(t)),
+  weight=lambda t: jnp.pi / 2 / jnp.tan(jnp.pi / 4 * _f32(t)),
 )
 
 
@@ -69,7 +69,7 @@ def get_gamma_schedule(name: str) -> GammaSchedule:
     return _COSINE
   if name.startswith("poly"):
     try:
-      power = float(name[len("poly"):])
+      power = float(name[len("poly") :])
     except ValueError:
       power = math.nan
     if math.isfinite(power) and power > 0:
@@ -99,7 +99,7 @@ def get_alpha_schedule(name: str, alpha_max: float = 0.1) -> AlphaSchedule:
 
 
 def sample_times(
-    key: jax.Array, batch: int, eps: float = 1e-3, antithetic: bool = True
+  key: jax.Array, batch: int, eps: float = 1e-3, antithetic: bool = True
 ) -> jax.Array:
   """Diffusion times in [eps, 1], f32[batch].
 

@@ -53,8 +53,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
 
 
 def rules(mesh_config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
-               for name, ax in mesh_config.logical_axis_rules)
+  return tuple(
+    (name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in mesh_config.logical_axis_rules
+  )
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules) -> Any:
@@ -67,8 +68,11 @@ def abstract_sharded(boxed_tree: Any, mesh: Mesh, axis_rules) -> tuple[Any, Any]
   """(ShapeDtypeStructs carrying their shardings, the shardings) of a boxed abstract
   pytree (`jax.eval_shape` of a Flax init): nothing is allocated."""
   shardings = logical_shardings(boxed_tree, mesh, axis_rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(boxed_tree), shardings)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    nn.meta.unbox(boxed_tree),
+    shardings,
+  )
   return abstract, shardings
 
 
@@ -101,6 +105,7 @@ def chief_first(build: Callable[[], Any], what: str) -> Any:
   if jax.process_count() == 1:
     return build()
   from jax.experimental import multihost_utils
+
   result = build() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices(f"sdiff_jax: process 0 prepared the {what}")
   return result if jax.process_index() == 0 else build()

@@ -46,17 +46,21 @@ def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then cosine decay to `end_lr_fraction` of it."""
   t = config.train
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
-      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.learning_rate * t.end_lr_fraction)
+    init_value=0.0,
+    peak_value=t.learning_rate,
+    warmup_steps=t.warmup_steps,
+    decay_steps=max(t.num_steps, t.warmup_steps + 1),
+    end_value=t.learning_rate * t.end_lr_fraction,
+  )
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   t = config.train
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
-      optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(lr_schedule(config), b1=0.9, b2=t.b2, weight_decay=t.weight_decay,
-                  mask=decay_mask))
+    optax.clip_by_global_norm(t.grad_clip),
+    optax.adamw(lr_schedule(config), b1=0.9, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +95,24 @@ class TrainSetup:
 
   def state_from_params(self, params: Any) -> TrainState:
     """Step 0 with these parameters and a fresh optimizer state."""
-    fresh = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                 opt_state=self.tx.init(p),
-                                 first_nonfinite_step=jnp.full((), -1, jnp.int32))
+    fresh = lambda p: TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=p,
+      opt_state=self.tx.init(p),
+      first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
     return jax.jit(fresh, out_shardings=self.shardings)(params)
 
 
 def _init_fn(objective: Objective, tx: optax.GradientTransformation, seq_len: int):
   def init(key):
     params = objective.init_params(key, seq_len)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      first_nonfinite_step=jnp.full((), -1, jnp.int32))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
 
   return init
 
@@ -124,8 +135,9 @@ def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]
     # stays sharded over (data, fsdp). A (n, B/n) split would put the sharding on
     # the scan axis and hand every device whole micro-batches.
     split = lambda x: jax.lax.with_sharding_constraint(
-        jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1),
-        NamedSharding(mesh, P(None, *sharding.batch_sharding(mesh).spec)))
+      jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1),
+      NamedSharding(mesh, P(None, *sharding.batch_sharding(mesh).spec)),
+    )
     micro = jax.tree.map(split, batch)
 
     def one(micro_batch, key):
@@ -149,9 +161,10 @@ def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]
     rows, shards = batch["tokens"].shape[0], mesh.shape["data"] * mesh.shape["fsdp"]
     if (rows // grad_accum_steps) % shards:
       raise ValueError(
-          f"a micro-batch of {rows} rows / {grad_accum_steps} accumulation steps does not "
-          f"split over the {shards} (data x fsdp) devices: make train.batch_size / "
-          f"train.grad_accum_steps a multiple of {shards}")
+        f"a micro-batch of {rows} rows / {grad_accum_steps} accumulation steps does not "
+        f"split over the {shards} (data x fsdp) devices: make train.batch_size / "
+        f"train.grad_accum_steps a multiple of {shards}"
+      )
     key = jax.random.fold_in(key, state.step)
     grads, metrics = grads_of(state.params, batch, key, stage)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -159,17 +172,25 @@ def make_train_step(setup: TrainSetup) -> Callable[..., tuple[TrainState, dict]]
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
-                          state.first_nonfinite_step)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state),
-                           first_nonfinite_step=first_bad)
+    first_bad = jnp.where(
+      (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
+    )
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      first_nonfinite_step=first_bad,
+    )
     return new_state, {**metrics, "grad_norm": grad_norm}
 
-  return _PerStage(train_step, mesh, sharding.rules(setup.config.mesh),
-                   in_shardings=(setup.shardings, sharding.batch_sharding(mesh),
-                                 sharding.replicated(mesh)),
-                   out_shardings=(setup.shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return _PerStage(
+    train_step,
+    mesh,
+    sharding.rules(setup.config.mesh),
+    in_shardings=(setup.shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+    out_shardings=(setup.shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 class _PerStage:
@@ -181,8 +202,10 @@ class _PerStage:
 
   def __init__(self, fn, mesh, axis_rules, **jit_kwargs):
     self._context = lambda: sharding.activation_rules(mesh, axis_rules)
-    self._jitted = {stage: jax.jit(functools.partial(fn, stage=stage), **jit_kwargs)
-                    for stage in config_lib.STAGES}
+    self._jitted = {
+      stage: jax.jit(functools.partial(fn, stage=stage), **jit_kwargs)
+      for stage in config_lib.STAGES
+    }
 
   def __call__(self, *args, stage: str):
     with self._context():
@@ -201,10 +224,13 @@ def make_eval_step(setup: TrainSetup):
     return setup.objective(params, batch, key, stage)[1]
 
   mesh = setup.mesh
-  return _PerStage(eval_step, mesh, sharding.rules(setup.config.mesh),
-                   in_shardings=(setup.shardings.params, sharding.batch_sharding(mesh),
-                                 sharding.replicated(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+  return _PerStage(
+    eval_step,
+    mesh,
+    sharding.rules(setup.config.mesh),
+    in_shardings=(setup.shardings.params, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -236,6 +262,7 @@ class _Preemption:
     if not sync_point:
       return False
     from jax.experimental import multihost_utils
+
     return bool(np.any(multihost_utils.process_allgather(np.bool_(self.requested))))
 
   def __exit__(self, *exc):
@@ -257,8 +284,9 @@ def evaluate(eval_step, params, eval_ds, config, mesh, stage: str) -> dict[str, 
   weight = 0.0
   key = jax.random.key(config.seed + 1)
   for i, batch in zip(range(config.train.eval_batches), iter(eval_ds)):
-    m = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh),
-                                 jax.random.fold_in(key, i), stage=stage))
+    m = jax.device_get(
+      eval_step(params, sharding.global_batch(batch, mesh), jax.random.fold_in(key, i), stage=stage)
+    )
     w = float(m.pop("valid_tokens"))
     weight += w
     for k, v in m.items():
@@ -266,33 +294,44 @@ def evaluate(eval_step, params, eval_ds, config, mesh, stage: str) -> dict[str, 
   return {f"eval_{k}": v / max(weight, 1.0) for k, v in totals.items()}
 
 
-def build_tokenizer(config: ml_collections.ConfigDict, workdir: checkpointing.Workdir
-                    ) -> tokenizer_lib.Tokenizer:
+def build_tokenizer(
+  config: ml_collections.ConfigDict, workdir: checkpointing.Workdir
+) -> tokenizer_lib.Tokenizer:
   """The workdir's tokenizer, trained on the training split and saved there on first use
   (copied from `train.init_from`'s workdir when the run starts from one)."""
   d = config.data
   if config.train.init_from and not os.path.isdir(workdir.tokenizer):
     source = checkpointing.Workdir(config.train.init_from)
     if not os.path.isdir(source.tokenizer):
-      raise FileNotFoundError(f"train.init_from={source.path}: no tokenizer in "
-                              f"{source.tokenizer} (not a trained workdir)")
+      raise FileNotFoundError(
+        f"train.init_from={source.path}: no tokenizer in {source.tokenizer} (not a trained workdir)"
+      )
     shutil.copytree(source.tokenizer, workdir.tokenizer)
   return tokenizer_lib.get_or_build_tokenizer(
-      workdir.tokenizer, d.tokenizer, d.vocab_size,
-      lambda: sources.load_corpus(d.source, "train", d.valid_fraction))
+    workdir.tokenizer,
+    d.tokenizer,
+    d.vocab_size,
+    lambda: sources.load_corpus(d.source, "train", d.valid_fraction),
+  )
 
 
-def make_datasets(config: ml_collections.ConfigDict, workdir: checkpointing.Workdir,
-                  tok: tokenizer_lib.Tokenizer):
+def make_datasets(
+  config: ml_collections.ConfigDict, workdir: checkpointing.Workdir, tok: tokenizer_lib.Tokenizer
+):
   """(training, validation) datasets of this process's rows; ArrayRecords (tfds) default
   to the workdir."""
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.tfds_data_dir = data_config.tfds_data_dir or workdir.tfds
   rows = config.train.batch_size // jax.process_count()
-  train_ds = sharding.chief_first(lambda: pipeline.make_dataset_from_config(
-      data_config, tok, "train", batch_size=rows, seed=config.seed), "data")
-  eval_ds = pipeline.make_dataset_from_config(data_config, tok, "validation", batch_size=rows,
-                                              seed=config.seed)
+  train_ds = sharding.chief_first(
+    lambda: pipeline.make_dataset_from_config(
+      data_config, tok, "train", batch_size=rows, seed=config.seed
+    ),
+    "data",
+  )
+  eval_ds = pipeline.make_dataset_from_config(
+    data_config, tok, "validation", batch_size=rows, seed=config.seed
+  )
   return train_ds, eval_ds
 
 
@@ -319,16 +358,26 @@ class _Logger:
     """Logs the mean of the `pending` metrics and the throughput since the last call."""
     num_steps, steps = self.config.train.num_steps, len(self.pending)
     elapsed = time.perf_counter() - self.start
-    means = {k: float(np.mean([jax.device_get(m[k]) for m in self.pending if k in m]))
-             for k in self.pending[-1] if k != "valid_tokens"}
+    means = {
+      k: float(np.mean([jax.device_get(m[k]) for m in self.pending if k in m]))
+      for k in self.pending[-1]
+      if k != "valid_tokens"
+    }
     rate = steps * self.tokens_per_step / max(elapsed, 1e-9)
     eta = (num_steps - step) * elapsed / max(steps, 1)
-    self.writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
-                               "train/tokens_per_s": rate,
-                               "train/stage": float(config_lib.STAGES.index(stage)),
-                               "train/learning_rate": float(self.lr(step))})
-    self.print(f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok | "
-               f"{rate:,.0f} tok/s | ETA {format_duration(eta)}")
+    self.writer.scalars(
+      step,
+      {
+        **{f"train/{k}": v for k, v in means.items()},
+        "train/tokens_per_s": rate,
+        "train/stage": float(config_lib.STAGES.index(stage)),
+        "train/learning_rate": float(self.lr(step)),
+      },
+    )
+    self.print(
+      f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok | "
+      f"{rate:,.0f} tok/s | ETA {format_duration(eta)}"
+    )
     self.pending = []
     self.restart_clock()
 
@@ -358,12 +407,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   log = _Logger(config, paths)
   num_steps, step = config.train.num_steps, int(state.step)
-  stages = ", ".join(f"{name} from step {start}"
-                     for name, start in config_lib.stage_starts(config).items())
-  log.print(f"Training {config.attention} model: "
-            f"{setup.objective.model_cfg.num_params() / 1e6:.2f}M parameters, "
-            f"vocab {tok.vocab_size}, mesh {dict(mesh.shape)}, steps {step}->{num_steps} "
-            f"({stages})")
+  stages = ", ".join(
+    f"{name} from step {start}" for name, start in config_lib.stage_starts(config).items()
+  )
+  log.print(
+    f"Training {config.attention} model: "
+    f"{setup.objective.model_cfg.num_params() / 1e6:.2f}M parameters, "
+    f"vocab {tok.vocab_size}, mesh {dict(mesh.shape)}, steps {step}->{num_steps} "
+    f"({stages})"
+  )
   key = jax.random.key(config.seed + 2)
   first_step, run_start = step, time.perf_counter()
   last_eval: dict[str, float] = {}
@@ -371,8 +423,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   with _Preemption() as preemption:
     while step < num_steps:
       stage = config_lib.stage_at(config, step)
-      state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh), key,
-                                  stage=stage)
+      state, metrics = train_step(
+        state, sharding.global_batch(next(train_iter), mesh), key, stage=stage
+      )
       step += 1
       log.pending.append(metrics)
       last = step == num_steps
@@ -396,9 +449,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   log.close()
   if step > first_step:
     wall = time.perf_counter() - run_start
-    log.print(f"Done: {step - first_step} steps in {format_duration(wall)} "
-              f"({(step - first_step) * log.tokens_per_step / wall:,.0f} tok/s incl. compile "
-              "and eval)")
+    log.print(
+      f"Done: {step - first_step} steps in {format_duration(wall)} "
+      f"({(step - first_step) * log.tokens_per_step / wall:,.0f} tok/s incl. compile "
+      "and eval)"
+    )
   return TrainResult(state=state, metrics=last_eval, preempted=preempted, workdir=paths.path)
 
 
@@ -420,19 +475,28 @@ def _initial_state(setup: TrainSetup, mngr, train_iter) -> TrainState:
 
 
 # Model fields that decide the parameters' shapes.
-_SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                 "tie_embeddings")
+_SHAPE_FIELDS = (
+  "d_model",
+  "n_layers",
+  "n_heads",
+  "n_kv_heads",
+  "head_dim",
+  "d_ff",
+  "tie_embeddings",
+)
 
 
 def _state_from_workdir(setup: TrainSetup, source: checkpointing.Workdir) -> TrainState:
   """A fresh state whose parameters are `source`'s latest (any attention mode)."""
   theirs = source.read_config()
   ours = setup.config
-  differ = [f"model.{f}: {theirs.model[f]} there, {ours.model[f]} here" for f in _SHAPE_FIELDS
-            if theirs.model[f] != ours.model[f]]
+  differ = [
+    f"model.{f}: {theirs.model[f]} there, {ours.model[f]} here"
+    for f in _SHAPE_FIELDS
+    if theirs.model[f] != ours.model[f]
+  ]
   if differ:
-    raise ValueError(f"train.init_from={source.path} has another model shape: "
-                     + "; ".join(differ))
+    raise ValueError(f"train.init_from={source.path} has another model shape: " + "; ".join(differ))
   step = checkpointing.latest_step(source)
   params = checkpointing.restore_params(source, step, setup.abstract_state.params)
   if jax.process_index() == 0:
@@ -444,5 +508,6 @@ def _check_finite(state: TrainState, config: ml_collections.ConfigDict) -> None:
   bad = int(state.first_nonfinite_step)
   if bad >= 0 and config.train.nonfinite == "stop":
     raise FloatingPointError(
-        f"non-finite loss or gradient at step {bad + 1} (the update was not applied); "
-        "lower train.learning_rate, or set train.nonfinite='skip' to skip such updates")
+      f"non-finite loss or gradient at step {bad + 1} (the update was not applied); "
+      "lower train.learning_rate, or set train.nonfinite='skip' to skip such updates"
+    )

@@ -52,9 +52,9 @@ def packed_rows(rng, batch, seq_len, vocab):
         doc[0] = BOS
       if rng.random() < 0.5:
         doc[-1] = EOS
-      tokens_BxL[b, start:start + n] = doc
-      seg_BxL[b, start:start + n] = segment
-      pos_BxL[b, start:start + n] = np.arange(n)
+      tokens_BxL[b, start : start + n] = doc
+      seg_BxL[b, start : start + n] = segment
+      pos_BxL[b, start : start + n] = np.arange(n)
       start += n
   return tokens_BxL, seg_BxL, pos_BxL
 
@@ -86,7 +86,8 @@ def test_mask_invalid_untouched(seed, gamma):
   valid_BxL = (rng.random((8, 64)) < 0.7) & (x_BxL != PAD)
   gamma_B = np.full(8, gamma, np.float32)
   noisy_BxL, masked_BxL = map(
-      np.asarray, corruption.mask_corrupt(jax.random.key(seed), x_BxL, gamma_B, valid_BxL))
+    np.asarray, corruption.mask_corrupt(jax.random.key(seed), x_BxL, gamma_B, valid_BxL)
+  )
   assert not masked_BxL[~valid_BxL].any()
   np.testing.assert_array_equal(noisy_BxL[~masked_BxL], x_BxL[~masked_BxL])
   np.testing.assert_array_equal(noisy_BxL == MASK, masked_BxL)
@@ -158,25 +159,26 @@ def check_edited_row(x0_L, seg_L, pos_L, alpha, res, *, window, alpha_max, vocab
   # deleted one) is the input at i - 1, i or i + 1, in i's window.
   destroyed_L = np.zeros(seq_len, bool)
   destroyed_L[np.where(kind == INS_DEL, q, p)] = True
-  same_window = lambda i, j: (0 <= j < seq_len and seg_L[j] == seg_L[i]
-                              and pos_L[j] // width == pos_L[i] // width)
+  same_window = lambda i, j: (
+    0 <= j < seq_len and seg_L[j] == seg_L[i] and pos_L[j] // width == pos_L[i] // width
+  )
   for i in np.flatnonzero(valid_L & ~destroyed_L):
     assert any(same_window(i, j) and y_L[j] == x0_L[i] for j in (i - 1, i, i + 1)), i
   # Only the [p, q] spans change: a pair shifts at most w targets.
   span_L = np.zeros(seq_len, bool)
   for lo, hi in zip(p, q):
-    span_L[lo:hi + 1] = True
+    span_L[lo : hi + 1] = True
   assert not res.changed[~span_L].any()
   assert np.all(q - p <= window)
 
 
 # (window, alpha_max, op_probs, vocab): each compiles once for the shapes below.
 EDIT_CONFIGS = [
-    (4, 0.1, (1 / 3, 1 / 3, 1 / 3), 300),  # the defaults
-    (1, 0.5, (2.0, 3.0, 5.0), 6),  # windows of 2 at the densest alpha; weights normalised
-    (0, 0.5, (1 / 3, 1 / 3, 1 / 3), 6),  # windows of 1: substitutions only
-    (9, 0.1, (0.0, 1.0, 0.0), 300),  # del-ins only (substitutions where forced)
-    (3, 0.25, (0.0, 0.0, 1.0), 6),  # ins-del only
+  (4, 0.1, (1 / 3, 1 / 3, 1 / 3), 300),  # the defaults
+  (1, 0.5, (2.0, 3.0, 5.0), 6),  # windows of 2 at the densest alpha; weights normalised
+  (0, 0.5, (1 / 3, 1 / 3, 1 / 3), 6),  # windows of 1: substitutions only
+  (9, 0.1, (0.0, 1.0, 0.0), 300),  # del-ins only (substitutions where forced)
+  (3, 0.25, (0.0, 0.0, 1.0), 6),  # ins-del only
 ]
 BATCH, SEQ_LEN = 16, 48
 
@@ -189,8 +191,14 @@ def edit_rows(seed, config, batch=BATCH, seq_len=SEQ_LEN):
   alpha_B = rng.uniform(0, alpha_max, batch).astype(np.float32)
   alpha_B[:2] = alpha_max, 2 * alpha_max + 0.1  # the bound, and above it (clipped)
   res = corruption.edit_corrupt_batch(
-      jax.random.key(seed), *rows, alpha_B,
-      vocab_size=vocab, window=window, alpha_max=alpha_max, op_probs=op_probs)
+    jax.random.key(seed),
+    *rows,
+    alpha_B,
+    vocab_size=vocab,
+    window=window,
+    alpha_max=alpha_max,
+    op_probs=op_probs,
+  )
   return rows, alpha_B, jax.device_get(res)
 
 
@@ -201,9 +209,16 @@ def test_edits_match_one_at_a_time_reference_and_invariants(seed, config):
   (x0_BxL, seg_BxL, pos_BxL), alpha_B, res = edit_rows(seed, config)
   assert res.tokens.shape == x0_BxL.shape and res.tokens.dtype == x0_BxL.dtype
   for b in range(BATCH):
-    check_edited_row(x0_BxL[b], seg_BxL[b], pos_BxL[b], alpha_B[b],
-                     jax.tree.map(lambda a: a[b], res),
-                     window=window, alpha_max=alpha_max, vocab=vocab)
+    check_edited_row(
+      x0_BxL[b],
+      seg_BxL[b],
+      pos_BxL[b],
+      alpha_B[b],
+      jax.tree.map(lambda a: a[b], res),
+      window=window,
+      alpha_max=alpha_max,
+      vocab=vocab,
+    )
   for op in (DEL_INS, INS_DEL):  # a kind of weight 0 never occurs
     assert op_probs[op] > 0 or not (res.ops.kind == op).any()
 
@@ -216,9 +231,18 @@ def test_op_kinds_follow_op_probs(op_probs):
   window, vocab, batch, seq_len = 4, 300, 128, 256
   rng = np.random.default_rng(1)
   x0_BxL, seg_BxL, pos_BxL = packed_rows(rng, batch, seq_len, vocab)
-  res = jax.device_get(corruption.edit_corrupt_batch(
-      jax.random.key(1), x0_BxL, seg_BxL, pos_BxL, np.full(batch, 0.1, np.float32),
-      vocab_size=vocab, window=window, op_probs=op_probs))
+  res = jax.device_get(
+    corruption.edit_corrupt_batch(
+      jax.random.key(1),
+      x0_BxL,
+      seg_BxL,
+      pos_BxL,
+      np.full(batch, 0.1, np.float32),
+      vocab_size=vocab,
+      window=window,
+      op_probs=op_probs,
+    )
+  )
   counts_3 = np.zeros(3, int)
   for b in range(batch):
     seg_L, win_L = seg_BxL[b], pos_BxL[b] // (window + 1)
@@ -246,9 +270,17 @@ def test_distance_reaches_budget_and_targets_stay_aligned():
   most targets are still their own input (the old whole-row process kept 33% there)."""
   window, alpha, vocab, batch, seq_len = 4, 0.1, 1000, 64, 256
   x0_BxL, seg_BxL, pos_BxL = packed_rows(np.random.default_rng(2), batch, seq_len, vocab)
-  res = jax.device_get(corruption.edit_corrupt_batch(
-      jax.random.key(2), x0_BxL, seg_BxL, pos_BxL, np.full(batch, alpha, np.float32),
-      vocab_size=vocab, window=window))
+  res = jax.device_get(
+    corruption.edit_corrupt_batch(
+      jax.random.key(2),
+      x0_BxL,
+      seg_BxL,
+      pos_BxL,
+      np.full(batch, alpha, np.float32),
+      vocab_size=vocab,
+      window=window,
+    )
+  )
   distance = budget = 0
   for b in range(batch):
     for _, idx in segments(seg_BxL[b]):
@@ -274,15 +306,16 @@ def test_same_key_same_output_different_keys_differ():
   x_BxL, seg_BxL, pos_BxL, alpha_B = default_batch(4)
   seg_BxL[:], pos_BxL[:], alpha_B[:] = 1, np.arange(64), 0.1
   a, b, c = (
-      jax.device_get(corruption.edit_corrupt_batch(key, x_BxL, seg_BxL, pos_BxL, alpha_B,
-                                                   vocab_size=100))
-      for key in (jax.random.key(5), jax.random.key(5), jax.random.key(6))
+    jax.device_get(
+      corruption.edit_corrupt_batch(key, x_BxL, seg_BxL, pos_BxL, alpha_B, vocab_size=100)
+    )
+    for key in (jax.random.key(5), jax.random.key(5), jax.random.key(6))
   )
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert not np.array_equal(a.tokens, c.tokens)
   m5, m5b, m6 = (
-      np.asarray(corruption.mask_corrupt(key, x_BxL, alpha_B * 5, seg_BxL > 0)[0])
-      for key in (jax.random.key(5), jax.random.key(5), jax.random.key(6))
+    np.asarray(corruption.mask_corrupt(key, x_BxL, alpha_B * 5, seg_BxL > 0)[0])
+    for key in (jax.random.key(5), jax.random.key(5), jax.random.key(6))
   )
   np.testing.assert_array_equal(m5, m5b)
   assert not np.array_equal(m5, m6)
@@ -295,8 +328,7 @@ def test_no_retrace_for_repeated_calls():
   def corrupt(key, x_BxL, seg_BxL, pos_BxL, alpha_B):
     traces.append(None)
     noisy_BxL, _ = corruption.mask_corrupt(key, x_BxL, alpha_B, seg_BxL > 0)
-    return corruption.edit_corrupt_batch(key, noisy_BxL, seg_BxL, pos_BxL, alpha_B,
-                                         vocab_size=100)
+    return corruption.edit_corrupt_batch(key, noisy_BxL, seg_BxL, pos_BxL, alpha_B, vocab_size=100)
 
   for i in range(4):
     args = default_batch(10 + i)
@@ -336,8 +368,8 @@ def test_sharded_batch_equals_unsharded():
 def test_invalid_edit_args_rejected():
   x_L = jnp.arange(NUM_SPECIAL, NUM_SPECIAL + 8)
   call = lambda **kw: corruption.edit_corrupt(
-      jax.random.key(0), x_L, jnp.ones(8, jnp.int32), jnp.arange(8), 0.1,
-      **{"vocab_size": 20, **kw})
+    jax.random.key(0), x_L, jnp.ones(8, jnp.int32), jnp.arange(8), 0.1, **{"vocab_size": 20, **kw}
+  )
   with pytest.raises(ValueError, match="alpha_max"):
     call(alpha_max=-0.1)
   with pytest.raises(ValueError, match="alpha_max"):  # 0.25 * (4 + 1) > 1

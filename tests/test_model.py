@@ -8,8 +8,9 @@ import pytest
 from sdiff_jax.models import ModelConfig, Transformer, init_cache, training_mask
 from sdiff_jax.models.attention_masks import block_causal_mask, causal_mask
 
-CFG = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  d_ff=64)
+CFG = ModelConfig(
+  vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
 L = 16
 BLOCK = 4
 APPLY = jax.jit(Transformer(CFG).apply)  # one compilation per input shape for the module
@@ -30,7 +31,9 @@ def _inputs(key, batch=2, length=L):
 @pytest.fixture(scope="module")
 def params():
   tokens, seg, pos = _inputs(jax.random.key(0))
-  return Transformer(CFG).init(jax.random.key(1), tokens, pos, training_mask("bidirectional", seg, BLOCK))["params"]
+  return Transformer(CFG).init(
+    jax.random.key(1), tokens, pos, training_mask("bidirectional", seg, BLOCK)
+  )["params"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -52,8 +55,9 @@ def _influence(params, mode, query, perturb_at):
   tokens, seg, pos = _inputs(jax.random.key(0))
   apply = APPLY
   if mode == "block_causal":
-    run = lambda t: apply({"params": params}, t, jnp.concatenate([pos, pos], 1),
-                                block_causal_mask(seg, BLOCK))[0]
+    run = lambda t: apply(
+      {"params": params}, t, jnp.concatenate([pos, pos], 1), block_causal_mask(seg, BLOCK)
+    )[0]
     tokens = jnp.concatenate([tokens, tokens], axis=1)  # [x_t ; x_0]
   else:
     run = lambda t: apply({"params": params}, t, pos, training_mask(mode, seg, BLOCK))[0]
@@ -99,10 +103,16 @@ def test_kv_cache_matches_full_forward(params):
   idx = jnp.arange(L)
   outs = []
   for start, size in ((0, 6), (6, 1), (7, 5), (12, 4)):
-    q_idx = idx[start:start + size]
+    q_idx = idx[start : start + size]
     mask = jnp.broadcast_to(q_idx[:, None] >= idx[None, :], (2, size, L))
-    out, cache = apply({"params": params}, tokens[:, start:start + size],
-                             pos[:, start:start + size], mask, cache, start)
+    out, cache = apply(
+      {"params": params},
+      tokens[:, start : start + size],
+      pos[:, start : start + size],
+      mask,
+      cache,
+      start,
+    )
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -116,8 +126,13 @@ def test_gqa_equals_repeated_heads():
   mha_cfg = ModelConfig(**{**CFG.__dict__, "n_kv_heads": CFG.n_heads})
   groups = CFG.n_heads // CFG.n_kv_heads
   p_mha = jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.repeat(x, groups, axis=2)  # [layers, embed, kv_heads, head_dim]
-      if any(getattr(k, "key", None) in ("key", "value") for k in path) else x, p)
+    lambda path, x: (
+      jnp.repeat(x, groups, axis=2)  # [layers, embed, kv_heads, head_dim]
+      if any(getattr(k, "key", None) in ("key", "value") for k in path)
+      else x
+    ),
+    p,
+  )
   a = gqa.apply({"params": p}, tokens, pos, mask)[0]
   b = Transformer(mha_cfg).apply({"params": p_mha}, tokens, pos, mask)[0]
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -127,6 +142,7 @@ def test_chunked_attention_equals_xla_with_gradients():
   """Query-chunked attention (GQA, segment + block-causal masks) equals XLA's whole-matrix
   attention, in value and in the gradients of q, k and v, on fresh random inputs."""
   from sdiff_jax.models.transformer import attention
+
   kq, kk, kv, kg = jax.random.split(jax.random.key(7), 4)
   b, t, h, k, dh = 2, 64, 4, 2, 8
   q = jax.random.normal(kq, (b, t, h, dh))
@@ -140,12 +156,19 @@ def test_chunked_attention_equals_xla_with_gradients():
   def loss(impl, q, keys, values):
     return jnp.sum(attention(q, keys, values, jnp.asarray(mask), impl, chunk=16) * cotangent)
 
-  grads = {impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2)))(
-      q, keys, values) for impl in (None, "chunked")}
+  grads = {
+    impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2)))(
+      q, keys, values
+    )
+    for impl in (None, "chunked")
+  }
   for full, chunked in zip(grads[None], grads["chunked"]):  # d/dq, d/dk, d/dv
     np.testing.assert_allclose(chunked, full, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(attention(q, keys, values, jnp.asarray(mask), "chunked", 16),
-                             attention(q, keys, values, jnp.asarray(mask), None), atol=1e-6)
+  np.testing.assert_allclose(
+    attention(q, keys, values, jnp.asarray(mask), "chunked", 16),
+    attention(q, keys, values, jnp.asarray(mask), None),
+    atol=1e-6,
+  )
 
 
 def test_unrolled_layers_equal_the_scan(params):
@@ -154,19 +177,27 @@ def test_unrolled_layers_equal_the_scan(params):
   import dataclasses
 
   from sdiff_jax.models import unstack_layers
+
   unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
   unrolled = unstack_layers(params, CFG.n_layers)
   assert "layers" not in unrolled and "layer_1" in unrolled
   tokens, seg, pos = _inputs(jax.random.key(3))
   mask = training_mask("bidirectional", seg, BLOCK)
   apply_unrolled = jax.jit(Transformer(unrolled_cfg).apply)
-  np.testing.assert_allclose(apply_unrolled({"params": unrolled}, tokens, pos, mask)[0],
-                             APPLY({"params": params}, tokens, pos, mask)[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    apply_unrolled({"params": unrolled}, tokens, pos, mask)[0],
+    APPLY({"params": params}, tokens, pos, mask)[0],
+    atol=1e-5,
+    rtol=1e-5,
+  )
   causal = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (2, L, L))
   outs = []
   for cfg, p, apply in ((CFG, params, APPLY), (unrolled_cfg, unrolled, apply_unrolled)):
     cache = init_cache(cfg, 2, L)
-    _, cache = apply({"params": p}, tokens[:, :L - 1], pos[:, :L - 1], causal[:, :L - 1], cache, 0)
-    outs.append(apply({"params": p}, tokens[:, L - 1:], pos[:, L - 1:], causal[:, L - 1:], cache,
-                      L - 1)[0])
+    _, cache = apply(
+      {"params": p}, tokens[:, : L - 1], pos[:, : L - 1], causal[:, : L - 1], cache, 0
+    )
+    outs.append(
+      apply({"params": p}, tokens[:, L - 1 :], pos[:, L - 1 :], causal[:, L - 1 :], cache, L - 1)[0]
+    )
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)

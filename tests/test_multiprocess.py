@@ -12,11 +12,21 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "di
 
 def _launch(out_dir, num_processes, devices_per_process):
   port = str(portpicker.pick_unused_port())
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-  procs = [subprocess.Popen([sys.executable, WORKER, str(out_dir), str(num_processes), str(i), port],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(num_processes)]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+  }
+  procs = [
+    subprocess.Popen(
+      [sys.executable, WORKER, str(out_dir), str(num_processes), str(i), port],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out

@@ -20,7 +20,8 @@ def _texts(num_docs: int = 50, seed: int = 0, max_words: int = 40) -> list[str]:
   rng = np.random.default_rng(seed)
   words = ["def", "x", "\t", "\r\n", "  ", "é", "🐍", "return", "(", ")", "\n"]
   return [
-      f"# doc {i}\n" + "".join(rng.choice(words, size=rng.integers(0, max_words))) for i in range(num_docs)
+    f"# doc {i}\n" + "".join(rng.choice(words, size=rng.integers(0, max_words)))
+    for i in range(num_docs)
   ]
 
 
@@ -30,8 +31,15 @@ def bpe() -> tokenizer_lib.BPETokenizer:
 
 
 def _batches(texts, tokenizer, **kwargs) -> list[dict[str, np.ndarray]]:
-  kwargs = {"seq_len": SEQ_LEN, "batch_size": BATCH, "shuffle": False, "num_epochs": 1,
-            "shard_index": 0, "shard_count": 1, **kwargs}
+  kwargs = {
+    "seq_len": SEQ_LEN,
+    "batch_size": BATCH,
+    "shuffle": False,
+    "num_epochs": 1,
+    "shard_index": 0,
+    "shard_count": 1,
+    **kwargs,
+  }
   return list(pipeline.make_dataset(texts, tokenizer, **kwargs))
 
 
@@ -47,8 +55,10 @@ def _check_layout(batches) -> None:
     assert np.all(batch["tokens"][~pad] != tokenizer_lib.PAD_ID)
     for row_segments, row_positions in zip(batch["segment_ids"], batch["positions"]):
       real = row_segments[row_segments > 0]
-      assert np.all(np.diff(real) >= 0) and (real.size == 0 or real[0] == 1)  # 1, 2, ... then padding
-      assert np.all(row_segments[real.size:] == 0)
+      assert np.all(np.diff(real) >= 0) and (
+        real.size == 0 or real[0] == 1
+      )  # 1, 2, ... then padding
+      assert np.all(row_segments[real.size :] == 0)
       for segment in np.unique(real):
         in_segment = row_segments == segment
         assert np.array_equal(row_positions[in_segment], np.arange(np.sum(in_segment)))
@@ -56,9 +66,13 @@ def _check_layout(batches) -> None:
 
 def _documents(batches) -> list[np.ndarray]:
   """Documents of an unshuffled pass: segments in stream order, split at BOS."""
-  stream = np.concatenate([
-      batch["tokens"][row][batch["segment_ids"][row] > 0] for batch in batches for row in range(BATCH)
-  ])  # int32[T]
+  stream = np.concatenate(
+    [
+      batch["tokens"][row][batch["segment_ids"][row] > 0]
+      for batch in batches
+      for row in range(BATCH)
+    ]
+  )  # int32[T]
   starts = np.flatnonzero(stream == tokenizer_lib.BOS_ID)
   assert starts[0] == 0
   return np.split(stream, starts[1:])
@@ -78,7 +92,9 @@ def test_segments_reconstruct_the_corpus(packing, kind, bpe):
   if packing == "pad":
     assert segments.max() == 1
   else:
-    real_rows = segments[segments[:, 0] > 0]  # int32[R', L]; the last batch is filled up with empty rows
+    real_rows = segments[
+      segments[:, 0] > 0
+    ]  # int32[R', L]; the last batch is filled up with empty rows
     assert segments.max() > 1 and np.all(real_rows[:-1] > 0)  # only the last real row has padding
 
 
@@ -88,7 +104,9 @@ def test_shuffled_epochs_have_every_token_once():
   plain = _batches(texts, tokenizer)
   shuffled = _batches(texts, tokenizer, shuffle=True, seed=3, num_epochs=2)
   _check_layout(shuffled)
-  count = lambda bs: np.bincount(np.concatenate([b["tokens"].ravel() for b in bs]), minlength=260)[1:]
+  count = lambda bs: np.bincount(np.concatenate([b["tokens"].ravel() for b in bs]), minlength=260)[
+    1:
+  ]
   assert np.array_equal(2 * count(plain), count(shuffled))
   assert not np.array_equal(plain[0]["tokens"], shuffled[0]["tokens"])
   reseeded = _batches(texts, tokenizer, shuffle=True, seed=4)
@@ -126,16 +144,26 @@ def test_shards_are_disjoint_and_cover_the_corpus():
 
 @pytest.mark.parametrize("packing", pipeline.PACKINGS)
 @pytest.mark.parametrize(
-    "window, points",
-    [(64, [0, 1, 2, 3, 7, 19, 40, 77, 100]), (pipeline.SHUFFLE_WINDOW_ROWS, [0, 250, 260])],
+  "window, points",
+  [(64, [0, 1, 2, 3, 7, 19, 40, 77, 100]), (pipeline.SHUFFLE_WINDOW_ROWS, [0, 250, 260])],
 )
 def test_resume_is_exact(packing, window, points, monkeypatch):
   """Restores at many points, also inside and across shuffle windows and epochs."""
   monkeypatch.setattr(pipeline, "SHUFFLE_WINDOW_ROWS", window)
-  texts = _texts(30, max_words=300)  # long documents: few epochs a window (each costs an index_shuffle setup)
+  texts = _texts(
+    30, max_words=300
+  )  # long documents: few epochs a window (each costs an index_shuffle setup)
   tokenizer = tokenizer_lib.ByteTokenizer()
-  make = lambda: pipeline.make_dataset(texts, tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, packing=packing,
-                                       seed=7, shard_index=0, shard_count=1)
+  make = lambda: pipeline.make_dataset(
+    texts,
+    tokenizer,
+    seq_len=SEQ_LEN,
+    batch_size=BATCH,
+    packing=packing,
+    seed=7,
+    shard_index=0,
+    shard_count=1,
+  )
   reference = list(itertools.islice(iter(make()), points[-1] + 12))  # several epochs
   for n in points:
     it = iter(make())
@@ -147,7 +175,9 @@ def test_resume_is_exact(packing, window, points, monkeypatch):
     for expected in reference[n : n + 12]:
       got, cont = next(resumed), next(it)
       for key in expected:
-        assert np.array_equal(got[key], expected[key]) and np.array_equal(cont[key], expected[key]), (n, key)
+        assert np.array_equal(got[key], expected[key]) and np.array_equal(
+          cont[key], expected[key]
+        ), (n, key)
 
 
 def test_bad_packing():
@@ -156,8 +186,16 @@ def test_bad_packing():
 
 
 def _config(directory: str, **overrides) -> ml_collections.ConfigDict:
-  fields = {"source": directory, "valid_fraction": 0.2, "tokenizer": "byte", "vocab_size": 260,
-            "seq_len": SEQ_LEN, "packing": "pack", "backend": "grain", "tfds_data_dir": ""}
+  fields = {
+    "source": directory,
+    "valid_fraction": 0.2,
+    "tokenizer": "byte",
+    "vocab_size": 260,
+    "seq_len": SEQ_LEN,
+    "packing": "pack",
+    "backend": "grain",
+    "tfds_data_dir": "",
+  }
   return ml_collections.ConfigDict({**fields, **overrides})
 
 
@@ -166,19 +204,32 @@ def test_from_config(tmp_path):
     (tmp_path / f"m{i}.py").write_text(text)
   tokenizer = tokenizer_lib.ByteTokenizer()
   config = _config(str(tmp_path))
-  valid = list(pipeline.make_dataset_from_config(config, tokenizer, "validation", batch_size=BATCH, seed=0,
-                                                 num_epochs=1))
+  valid = list(
+    pipeline.make_dataset_from_config(
+      config, tokenizer, "validation", batch_size=BATCH, seed=0, num_epochs=1
+    )
+  )
   _check_layout(valid)
   corpus = sources.load_corpus(str(tmp_path), "validation", 0.2)
   assert [tokenizer.decode(doc) for doc in _documents(valid)] == list(corpus)
-  train = iter(pipeline.make_dataset_from_config(config, tokenizer, "train", batch_size=BATCH, seed=0))
+  train = iter(
+    pipeline.make_dataset_from_config(config, tokenizer, "train", batch_size=BATCH, seed=0)
+  )
   _check_layout([next(train) for _ in range(3)])
-  for field, value in [("packing", "bucket"), ("tokenizer", "chars"), ("backend", "tf.data"), ("seq_len", 0),
-                       ("valid_fraction", 1.5), ("source", ""), ("tfds_data_dir", "")]:
+  for field, value in [
+    ("packing", "bucket"),
+    ("tokenizer", "chars"),
+    ("backend", "tf.data"),
+    ("seq_len", 0),
+    ("valid_fraction", 1.5),
+    ("source", ""),
+    ("tfds_data_dir", ""),
+  ]:
     overrides = {field: value, "backend": "tfds"} if field == "tfds_data_dir" else {field: value}
     with pytest.raises(ValueError, match=f"config.data.{field}"):
-      pipeline.make_dataset_from_config(_config(str(tmp_path), **overrides), tokenizer, "train", batch_size=2,
-                                        seed=0)
+      pipeline.make_dataset_from_config(
+        _config(str(tmp_path), **overrides), tokenizer, "train", batch_size=2, seed=0
+      )
   with pytest.raises(ValueError, match="does not match"):
     bpe_config = _config(str(tmp_path), tokenizer="bpe", vocab_size=300)
     pipeline.make_dataset_from_config(bpe_config, tokenizer, "train", batch_size=2, seed=0)
@@ -190,8 +241,15 @@ def test_prepare_cli_writes_the_tokenizer_and_the_corpus_statistics(tmp_path, mo
   for i, text in enumerate(_texts(30, max_words=300)):
     (code / f"m{i}.py").write_text(text)
   work = tmp_path / "work"
-  args = [f"--source={code}", f"--workdir={work}", "--tokenizer=bpe", "--vocab_size=300",
-          "--valid_fraction=0.2", "--seq_len=32", "--throughput_seconds=0.2"]
+  args = [
+    f"--source={code}",
+    f"--workdir={work}",
+    "--tokenizer=bpe",
+    "--vocab_size=300",
+    "--valid_fraction=0.2",
+    "--seq_len=32",
+    "--throughput_seconds=0.2",
+  ]
   cli = [sys.executable, "-m", "sdiff_jax.data.prepare", *args]
   done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
@@ -205,6 +263,7 @@ def test_prepare_cli_writes_the_tokenizer_and_the_corpus_statistics(tmp_path, mo
   monkeypatch.setattr(pipeline, "SHUFFLE_WINDOW_ROWS", 64)
   tokenizer = tokenizer_lib.load_tokenizer(work / "tokenizer")
   config = _config(str(code), tokenizer="bpe", vocab_size=300)
-  result = corpus_stats.corpus_statistics(config, tokenizer, batch_size=BATCH,
-                                          throughput_seconds=0.2, progress=False)
+  result = corpus_stats.corpus_statistics(
+    config, tokenizer, batch_size=BATCH, throughput_seconds=0.2, progress=False
+  )
   assert result["splits"] == saved["splits"] and result["vocab_size"] == 300

@@ -18,8 +18,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, code_corpus_dir):
   """A block_causal model trained for 2 steps (mask stage only: one compilation)."""
-  config = tiny_config(code_corpus_dir, attention="block_causal", num_steps=2, checkpoint_every=2,
-                       eval_every=2, eval_batches=1, log_every=1)
+  config = tiny_config(
+    code_corpus_dir,
+    attention="block_causal",
+    num_steps=2,
+    checkpoint_every=2,
+    eval_every=2,
+    eval_batches=1,
+    log_every=1,
+  )
   config.curriculum.edit_start_fraction = 1.0
   directory = str(tmp_path_factory.mktemp("sample_workdir"))
   train.train_and_evaluate(config, directory)
@@ -27,16 +34,30 @@ def workdir(tmp_path_factory, code_corpus_dir):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "sdiff_jax.sample", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "sdiff_jax.sample", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_prints_completions_and_the_trajectory(workdir, tmp_path):
   prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text(json.dumps({"prompt": "def add_1(a, b):"}) + "\n"
-                     + json.dumps({"prompt": "class Counter2:\n"}) + "\n")
-  run = _cli(f"--workdir={workdir}", f"--prompt_file={prompts}", "--max_new_tokens=20",
-             "--steps_per_block=4", "--show_trajectory")
+  prompts.write_text(
+    json.dumps({"prompt": "def add_1(a, b):"})
+    + "\n"
+    + json.dumps({"prompt": "class Counter2:\n"})
+    + "\n"
+  )
+  run = _cli(
+    f"--workdir={workdir}",
+    f"--prompt_file={prompts}",
+    "--max_new_tokens=20",
+    "--steps_per_block=4",
+    "--show_trajectory",
+  )
   assert run.returncode == 0, run.stderr
   out = run.stdout
   assert "=== sample 0 ===" in out and "=== sample 1 ===" in out
@@ -58,10 +79,12 @@ def test_generate_is_reproducible_and_reports_statistics(workdir):
   loaded = inference.load_model(workdir)
   assert loaded.tokenizer.vocab_size == tokenizer_lib.BYTE_VOCAB_SIZE
   prompts = ["def add_1(a, b):", "x = "]
-  texts, stats = inference.complete(loaded, prompts, seed=3, max_new_tokens=24,
-                                    steps_per_block=2, temperature=1.0)
-  again, _ = inference.complete(loaded, prompts, seed=3, max_new_tokens=24, steps_per_block=2,
-                                temperature=1.0)
+  texts, stats = inference.complete(
+    loaded, prompts, seed=3, max_new_tokens=24, steps_per_block=2, temperature=1.0
+  )
+  again, _ = inference.complete(
+    loaded, prompts, seed=3, max_new_tokens=24, steps_per_block=2, temperature=1.0
+  )
   assert texts == again and len(texts) == 2
   assert stats.settings.attention == "block_causal" and stats.settings.block_size == 16
   # 2 blocks (16 + 8 tokens) of at most 2 steps, plus prefill and one clean forward
@@ -90,11 +113,13 @@ def test_clear_errors(workdir, tmp_path):
   other = tmp_path / "other_tokenizer"
   shutil.copytree(workdir, other)
   shutil.rmtree(other / "tokenizer")
-  bpe = tokenizer_lib.train_bpe(["def add(a, b):\n    return a + b\n"] * 50, 300,
-                                show_progress=False)
+  bpe = tokenizer_lib.train_bpe(
+    ["def add(a, b):\n    return a + b\n"] * 50, 300, show_progress=False
+  )
   bpe.save(other / "tokenizer")
-  with pytest.raises(ValueError, match=f"{bpe.vocab_size} ids but checkpoint step 2 has a "
-                                       "vocabulary of 260"):
+  with pytest.raises(
+    ValueError, match=f"{bpe.vocab_size} ids but checkpoint step 2 has a vocabulary of 260"
+  ):
     inference.load_model(str(other))
 
 
@@ -103,13 +128,18 @@ def test_workdir_with_a_first_format_config_json_still_loads(workdir, tmp_path):
   no norm_eps / scan_layers) loads as today's config and samples the same."""
   old = tmp_path / "old_format"
   shutil.copytree(workdir, old)
-  saved = json.loads(open(os.path.join(REPO, "tests", "data", "config_v0_block_causal.json")).read())
-  saved["data"]["source"] = json.loads(open(os.path.join(workdir, "config.json")).read())[
-      "data"]["source"]
+  saved = json.loads(
+    open(os.path.join(REPO, "tests", "data", "config_v0_block_causal.json")).read()
+  )
+  saved["data"]["source"] = json.loads(open(os.path.join(workdir, "config.json")).read())["data"][
+    "source"
+  ]
   (old / "config.json").write_text(json.dumps(saved))
   loaded, today = inference.load_model(str(old)), inference.load_model(workdir)
   assert loaded.config == today.config
   assert loaded.config.attention == "block_causal" and loaded.config.diffusion.block_size == 16
   kwargs = dict(seed=1, max_new_tokens=20, steps_per_block=2)
-  assert inference.complete(loaded, ["x = "], **kwargs)[0] == inference.complete(
-      today, ["x = "], **kwargs)[0]
+  assert (
+    inference.complete(loaded, ["x = "], **kwargs)[0]
+    == inference.complete(today, ["x = "], **kwargs)[0]
+  )

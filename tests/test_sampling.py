@@ -394,7 +394,8 @@ RECORDED_SETTINGS = [
 
 @pytest.mark.parametrize("settings", RECORDED_SETTINGS)
 @pytest.mark.parametrize(
-  "cache_mode,shift", [("fold", False), ("recompute", False), ("last_forward", False), ("fold", True)]
+  "cache_mode,shift",
+  [("fold", False), ("recompute", False), ("last_forward", False), ("fold", True)],
 )
 def test_every_committed_token_is_read_by_later_forwards(settings, cache_mode, shift):
   """fold (the default) and recompute: every committed token outside the last block is an input

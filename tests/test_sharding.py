@@ -25,33 +25,48 @@ def _batch(batch=8, length=64, seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(4, VOCAB, (batch, length)).astype(np.int32)
   seg = np.ones((batch, length), np.int32)
-  seg[:, length // 2:] = 2
+  seg[:, length // 2 :] = 2
   seg[::3, -5:] = 0  # some padding
   pos = np.where(seg == 1, np.arange(length), np.arange(length) - length // 2)
   tokens[seg == 0] = 0
-  return {"tokens": tokens, "segment_ids": seg, "positions": np.where(seg == 0, 0, pos).astype(np.int32)}
+  return {
+    "tokens": tokens,
+    "segment_ids": seg,
+    "positions": np.where(seg == 0, 0, pos).astype(np.int32),
+  }
 
 
 @functools.lru_cache(maxsize=None)
 def _run(mesh_shape, attention, steps=1):
   """`steps` train steps, the last with the edit term; cached per (mesh, mode)."""
   config = _config(mesh_shape, attention)
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   setup = train.TrainSetup.create(config, VOCAB, mesh)
   state = setup.init_state(jax.random.key(0))
   step = train.make_train_step(setup)
   losses = []
   for i in range(steps):
-    state, metrics = step(state, sharding.global_batch(_batch(seed=i), mesh), jax.random.key(1),
-                          stage="mask+edit" if i == steps - 1 else "mask")
+    state, metrics = step(
+      state,
+      sharding.global_batch(_batch(seed=i), mesh),
+      jax.random.key(1),
+      stage="mask+edit" if i == steps - 1 else "mask",
+    )
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params), state, mesh
 
 
-@pytest.mark.parametrize("mesh_shape,attention", [
-    ((8, 1, 1), "bidirectional"), ((2, 4, 1), "bidirectional"), ((2, 2, 2), "bidirectional"),
-    ((2, 2, 2), "block_causal"), ((2, 2, 2), "causal")])
+@pytest.mark.parametrize(
+  "mesh_shape,attention",
+  [
+    ((8, 1, 1), "bidirectional"),
+    ((2, 4, 1), "bidirectional"),
+    ((2, 2, 2), "bidirectional"),
+    ((2, 2, 2), "block_causal"),
+    ((2, 2, 2), "causal"),
+  ],
+)
 def test_sharded_step_equals_single_device(mesh_shape, attention):
   ref_losses, ref_params, _, _ = _run((1, 1, 1), attention)
   losses, params, state, mesh = _run(mesh_shape, attention)

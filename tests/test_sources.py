@@ -58,7 +58,9 @@ def test_skipped_files_are_counted(tree):
   corpus = sources.load_corpus(str(tree), "all")
   assert corpus.stats.skipped_non_utf8 == 1
   assert corpus.stats.skipped_unreadable == 1
-  assert not any("site-packages" in n or "__pycache__" in n or n.endswith(".txt") for n in corpus.names)
+  assert not any(
+    "site-packages" in n or "__pycache__" in n or n.endswith(".txt") for n in corpus.names
+  )
   train = sources.load_corpus(str(tree), "train", valid_fraction=0.5)
   valid = sources.load_corpus(str(tree), "validation", valid_fraction=0.5)
   assert train.stats.skipped_non_utf8 + valid.stats.skipped_non_utf8 == 1
@@ -67,7 +69,9 @@ def test_skipped_files_are_counted(tree):
 
 def test_glob_source(tree):
   corpus = sources.load_corpus(str(tree / "pkg1" / "**" / "*.py"), "all")
-  assert len(corpus) == 15 and all(name.startswith("sub") for name in corpus.names)  # relative to pkg1/
+  assert len(corpus) == 15 and all(
+    name.startswith("sub") for name in corpus.names
+  )  # relative to pkg1/
 
 
 def test_missing_and_empty_sources_name_the_path(tmp_path):
@@ -96,13 +100,13 @@ def test_bad_arguments(tree):
 def test_jsonl_source(tmp_path, suffix):
   lines = [json.dumps({"text": f"def f{i}():\n  return {i}\n", "id": f"doc{i}"}) for i in range(30)]
   lines += [
-      json.dumps({"text": "by path", "path": "a/b.py"}),
-      json.dumps({"text": "by line"}),
-      "",
-      "{not json",
-      json.dumps({"id": "no_text"}),
-      json.dumps({"text": 7, "id": "int_text"}),
-      '{"text": "lone \\ud800 surrogate", "id": "surrogate"}',
+    json.dumps({"text": "by path", "path": "a/b.py"}),
+    json.dumps({"text": "by line"}),
+    "",
+    "{not json",
+    json.dumps({"id": "no_text"}),
+    json.dumps({"text": 7, "id": "int_text"}),
+    '{"text": "lone \\ud800 surrogate", "id": "surrogate"}',
   ]
   data = "\n".join(lines).encode() + b"\n" + b'{"text": "\xff"}\n'
   path = tmp_path / f"corpus{suffix}"

@@ -37,20 +37,35 @@ def test_builder_matches_load_corpus(code_dir, tmp_path):
     else:
       assert texts.names == corpus.names and list(texts) == list(corpus)
   config_name = tfds_code.config_for_source(str(code_dir), VALID_FRACTION).name
-  source = tfds.data_source(f"code_corpus/{config_name}", split="validation", data_dir=str(tmp_path / "tfds"))
+  source = tfds.data_source(
+    f"code_corpus/{config_name}", split="validation", data_dir=str(tmp_path / "tfds")
+  )
   assert [record["text"].decode() for record in source] == list(splits["validation"])
-  again = tfds_code.build_tfds_corpus(str(code_dir), tmp_path / "tfds", VALID_FRACTION)  # reuses the build
+  again = tfds_code.build_tfds_corpus(
+    str(code_dir), tmp_path / "tfds", VALID_FRACTION
+  )  # reuses the build
   assert list(again["train"]) == list(splits["train"])
 
 
 def test_tfds_texts_feed_the_pipeline(code_dir, tmp_path):
-  config = ml_collections.ConfigDict({
-      "source": str(code_dir), "valid_fraction": VALID_FRACTION, "tokenizer": "byte", "vocab_size": 260,
-      "seq_len": 48, "packing": "pack", "backend": "tfds", "tfds_data_dir": str(tmp_path / "tfds"),
-  })
+  config = ml_collections.ConfigDict(
+    {
+      "source": str(code_dir),
+      "valid_fraction": VALID_FRACTION,
+      "tokenizer": "byte",
+      "vocab_size": 260,
+      "seq_len": 48,
+      "packing": "pack",
+      "backend": "tfds",
+      "tfds_data_dir": str(tmp_path / "tfds"),
+    }
+  )
   tokenizer = tokenizer_lib.ByteTokenizer()
-  make = lambda: list(pipeline.make_dataset_from_config(config, tokenizer, "train", batch_size=4, seed=0,
-                                                        num_epochs=1))
+  make = lambda: list(
+    pipeline.make_dataset_from_config(
+      config, tokenizer, "train", batch_size=4, seed=0, num_epochs=1
+    )
+  )
   from_tfds = make()
   config.backend = "grain"
   from_files = make()

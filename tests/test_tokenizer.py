@@ -9,12 +9,12 @@ from sdiff_jax.data import sources
 from sdiff_jax.data import tokenizer as tokenizer_lib
 
 EDGE_CASES = [
-    "",
-    "def f(x):\r\n\treturn x  \r\n",
-    "    \n\n\n\t\t  \t \x0b\x0c trailing   ",
-    "naïve café — 日本語 🐍 \u200b\ufeff",
-    "<|pad|><|bos|> spelled specials <|eos|><|mask|>",
-    "\x00\x01 control \x7f",
+  "",
+  "def f(x):\r\n\treturn x  \r\n",
+  "    \n\n\n\t\t  \t \x0b\x0c trailing   ",
+  "naïve café — 日本語 🐍 \u200b\ufeff",
+  "<|pad|><|bos|> spelled specials <|eos|><|mask|>",
+  "\x00\x01 control \x7f",
 ]
 
 
@@ -115,6 +115,8 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
   (directory / tokenizer_lib.META_FILE).write_text("{{{")
   with pytest.raises(ValueError, match=str(directory / tokenizer_lib.META_FILE)):
     tokenizer_lib.load_tokenizer(directory)
-  (directory / tokenizer_lib.META_FILE).write_text(json.dumps({"kind": "sentencepiece", "vocab_size": 9}))
+  (directory / tokenizer_lib.META_FILE).write_text(
+    json.dumps({"kind": "sentencepiece", "vocab_size": 9})
+  )
   with pytest.raises(ValueError, match="sentencepiece"):
     tokenizer_lib.load_tokenizer(directory)

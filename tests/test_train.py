@@ -22,7 +22,9 @@ from sdiff_jax.models import training_mask
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("attention", "sideways", "config.attention"),
     ("diffusion.gamma_schedule", "bogus", "diffusion.gamma_schedule"),
     ("diffusion.block_size", 24, "must divide data.seq_len"),
@@ -30,7 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("curriculum.edit_start_fraction", 1.5, "curriculum.edit_start_fraction"),
     ("data.packing", "zip", "data.packing"),
     ("mesh.fsdp", 0, "mesh.fsdp"),
-])
+  ],
+)
 def test_bad_config_values_are_named(field, value, message, code_corpus_dir):
   config = tiny_config(code_corpus_dir, attention="block_causal")
   *sections, name = field.split(".")
@@ -45,6 +48,7 @@ def test_bad_config_values_are_named(field, value, message, code_corpus_dir):
 @pytest.mark.parametrize("name", ["quickstart", "tiny", "1b"])
 def test_config_model_holds_exactly_the_model_config_fields(name):
   from sdiff_jax.models import ModelConfig
+
   config = config_lib.from_file(os.path.join(REPO, "configs", f"{name}.py"))
   fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
   assert set(config.model) == fields
@@ -56,8 +60,9 @@ def _setup(config):
   tok = tokenizer_lib.ByteTokenizer()
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   setup = train.TrainSetup.create(config, tok.vocab_size, mesh)
-  ds = pipeline.make_dataset_from_config(config.data, tok, "train",
-                                         batch_size=config.train.batch_size, seed=config.seed)
+  ds = pipeline.make_dataset_from_config(
+    config.data, tok, "train", batch_size=config.train.batch_size, seed=config.seed
+  )
   batch = sharding.global_batch(next(iter(ds)), mesh)
   return setup, setup.init_state(jax.random.key(config.seed)), batch
 
@@ -80,14 +85,20 @@ def test_shift_predicts_each_token_from_the_position_before_it(code_corpus_dir):
   config.diffusion.shift = True
   setup, state, batch = _setup(config)
   objective = setup.objective
-  raw, _ = objective.model.apply({"params": state.params}, batch["tokens"], batch["positions"],
-                                 training_mask("bidirectional", batch["segment_ids"], 16))
+  raw, _ = objective.model.apply(
+    {"params": state.params},
+    batch["tokens"],
+    batch["positions"],
+    training_mask("bidirectional", batch["segment_ids"], 16),
+  )
   shifted = objective.logits(state.params, batch["tokens"], batch)
   np.testing.assert_array_equal(shifted[:, 1:], raw[:, :-1])
   scored = np.asarray(objective.scored(batch))
   assert not scored[np.asarray(batch["positions"]) == 0].any()  # no token before them
-  assert scored.sum() == ((np.asarray(batch["segment_ids"]) > 0)
-                          & (np.asarray(batch["positions"]) > 0)).sum()
+  assert (
+    scored.sum()
+    == ((np.asarray(batch["segment_ids"]) > 0) & (np.asarray(batch["positions"]) > 0)).sum()
+  )
   config.attention = "block_causal"
   with pytest.raises(ValueError, match="diffusion.shift"):
     config_lib.validate(config)
@@ -96,29 +107,35 @@ def test_shift_predicts_each_token_from_the_position_before_it(code_corpus_dir):
 def _reconstruction_bits(objective, params, batch, gamma=0.15, repeats=8):
   """Bits per masked token at a fixed low mask rate (AR: next-token bits)."""
   if objective.mode == "causal":
-    return jnp.mean(jnp.stack([objective(params, batch, jax.random.key(i), "ar")[0]
-                               for i in range(repeats)]))
+    return jnp.mean(
+      jnp.stack([objective(params, batch, jax.random.key(i), "ar")[0] for i in range(repeats)])
+    )
   valid = batch["segment_ids"] > 0
   bits = []
   for i in range(repeats):
     noisy, masked = corruption.mask_corrupt(
-        jax.random.key(100 + i), batch["tokens"], jnp.full((valid.shape[0],), gamma), valid)
-    nll = losses.token_nll(objective.logits(params, noisy, batch), batch["tokens"],
-                           tokenizer_lib.MASK_ID)
+      jax.random.key(100 + i), batch["tokens"], jnp.full((valid.shape[0],), gamma), valid
+    )
+    nll = losses.token_nll(
+      objective.logits(params, noisy, batch), batch["tokens"], tokenizer_lib.MASK_ID
+    )
     bits.append(losses.mean_bits(nll, masked))
   return jnp.mean(jnp.stack(bits))
 
 
-@pytest.mark.parametrize("attention,steps,limit", [
-    ("causal", 50, 0.05), ("block_causal", 150, 0.25), ("bidirectional", 300, 0.4)])
+@pytest.mark.parametrize(
+  "attention,steps,limit",
+  [("causal", 50, 0.05), ("block_causal", 150, 0.25), ("bidirectional", 300, 0.4)],
+)
 def test_overfits_one_batch(attention, steps, limit, code_corpus_dir):
   """One row memorised. Measured (d_model 64, 2 layers): AR reaches ~0.5% of its initial
   loss in 50 steps, block_causal 3-16% in 150 (seeds 0-2; seed 0, the one here: 16%),
   bidirectional ~32% in 300: with every query
   a MASK, it must learn position-selective attention from RoPE alone, which a 2-layer model
   learns slowly; the limits leave a margin over these."""
-  config = tiny_config(code_corpus_dir, attention=attention, learning_rate=1e-2, warmup_steps=5,
-                       num_steps=steps)
+  config = tiny_config(
+    code_corpus_dir, attention=attention, learning_rate=1e-2, warmup_steps=5, num_steps=steps
+  )
   config.model.d_model, config.model.head_dim, config.model.d_ff = 64, 32, 128
   config.train.batch_size = 1
   setup, state, batch = _setup(config)
@@ -136,8 +153,9 @@ def test_grad_accumulation_matches_one_big_batch(code_corpus_dir):
   setup, state, batch = _setup(config)
   one = train.make_train_step(setup)
   config.train.grad_accum_steps = 2
-  acc = train.make_train_step(train.TrainSetup.create(config, setup.objective.model_cfg.vocab_size,
-                                                      setup.mesh))
+  acc = train.make_train_step(
+    train.TrainSetup.create(config, setup.objective.model_cfg.vocab_size, setup.mesh)
+  )
   copy = lambda s: jax.tree.map(jnp.array, s)
   s1, m1 = one(copy(state), batch, jax.random.key(0), stage="mask")
   s2, m2 = acc(copy(state), batch, jax.random.key(0), stage="mask")
@@ -154,6 +172,7 @@ def test_golden_first_step(tmp_path):
   the initialisation or the data pipeline (and say so in the commit message).
   """
   from helpers import write_code_corpus
+
   config = tiny_config(write_code_corpus(tmp_path / "c", 12), attention="bidirectional")
   setup, state, batch = _setup(config)
   step = train.make_train_step(setup)
@@ -171,29 +190,47 @@ GOLDEN = {"loss": 15.298713, "mask_bits": 7.208705, "edit_bits": 8.090008, "grad
 def _run_main(workdir, config_args, **popen_kw):
   cmd = [sys.executable, "-u", "-m", "sdiff_jax.main", f"--workdir={workdir}"] + config_args
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **popen_kw)
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kw
+  )
 
 
 def _config_args(source, num_steps, **extra):
   """Flags for configs/tiny_test.py-equivalent settings through the quickstart file."""
   args = {
-      "data.source": source, "data.tokenizer": "byte", "data.seq_len": 64,
-      "data.valid_fraction": 0.2, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
-      "model.n_kv_heads": 1, "model.head_dim": 16, "model.d_ff": 64, "diffusion.block_size": 16,
-      "train.batch_size": 8, "train.num_steps": num_steps, "train.warmup_steps": 2,
-      "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 1,
-      "train.checkpoint_every": 1000, **extra}
-  return (["--config=configs/quickstart.py", "--sample_prompts="]
-          + [f"--config.{k}={v}" for k, v in args.items()])
+    "data.source": source,
+    "data.tokenizer": "byte",
+    "data.seq_len": 64,
+    "data.valid_fraction": 0.2,
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 2,
+    "model.n_kv_heads": 1,
+    "model.head_dim": 16,
+    "model.d_ff": 64,
+    "diffusion.block_size": 16,
+    "train.batch_size": 8,
+    "train.num_steps": num_steps,
+    "train.warmup_steps": 2,
+    "train.log_every": 1,
+    "train.eval_every": 1000,
+    "train.eval_batches": 1,
+    "train.checkpoint_every": 1000,
+    **extra,
+  }
+  return ["--config=configs/quickstart.py", "--sample_prompts="] + [
+    f"--config.{k}={v}" for k, v in args.items()
+  ]
 
 
 def _final_params(workdir):
   import orbax.checkpoint as ocp
+
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
   step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  restored = mngr.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+  )
   mngr.close()
   return step, restored["state"], restored["data"]
 
@@ -205,8 +242,9 @@ def test_curriculum_and_sigterm_resume_match_uninterrupted(tmp_path, code_corpus
   ref = _run_main(tmp_path / "ref", args)
   out, _ = ref.communicate(timeout=600)
   assert ref.returncode == 0, out
-  stages = {int(l.split()[1].split("/")[0]): l.split()[2] for l in out.splitlines()
-            if l.startswith("step ")}
+  stages = {
+    int(l.split()[1].split("/")[0]): l.split()[2] for l in out.splitlines() if l.startswith("step ")
+  }
   assert all(s == "[mask]" for k, s in stages.items() if k <= 30), out
   assert all(s == "[mask+edit]" for k, s in stages.items() if k > 30), out
 
@@ -263,8 +301,15 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss(policy, tmp_path, code_corpus_dir):
-  config = tiny_config(code_corpus_dir, attention="causal", num_steps=6, learning_rate=1e30,
-                       warmup_steps=0, log_every=1, nonfinite=policy)
+  config = tiny_config(
+    code_corpus_dir,
+    attention="causal",
+    num_steps=6,
+    learning_rate=1e30,
+    warmup_steps=0,
+    log_every=1,
+    nonfinite=policy,
+  )
   config.train.grad_clip = 1e30
   if policy == "stop":
     with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+"):
@@ -278,7 +323,9 @@ def test_data_state_is_per_process():
   saved = {"process_count": 1, "per_process": [{"pos": 5}]}
   assert checkpointing._this_process_data_state(saved) == {"pos": 5}
   # Written by 2 processes, restored by 1: their data shards differ, the stream restarts.
-  assert checkpointing._this_process_data_state({"process_count": 2, "per_process": [{}, {}]}) is None
+  assert (
+    checkpointing._this_process_data_state({"process_count": 2, "per_process": [{}, {}]}) is None
+  )
 
 
 def test_init_from_another_workdir(tmp_path, code_corpus_dir):
@@ -286,8 +333,14 @@ def test_init_from_another_workdir(tmp_path, code_corpus_dir):
   model shape is a clear error."""
   ar = tiny_config(code_corpus_dir, attention="causal", num_steps=3, checkpoint_every=3)
   ar_params = jax.device_get(train.train_and_evaluate(ar, str(tmp_path / "ar")).state.params)
-  adapted = tiny_config(code_corpus_dir, attention="bidirectional", num_steps=1,
-                        learning_rate=0.0, warmup_steps=0, init_from=str(tmp_path / "ar"))
+  adapted = tiny_config(
+    code_corpus_dir,
+    attention="bidirectional",
+    num_steps=1,
+    learning_rate=0.0,
+    warmup_steps=0,
+    init_from=str(tmp_path / "ar"),
+  )
   result = train.train_and_evaluate(adapted, str(tmp_path / "adapted"))
   assert os.path.isdir(tmp_path / "adapted" / "tokenizer")
   for a, b in zip(jax.tree.leaves(ar_params), jax.tree.leaves(result.state.params)):

@@ -34,7 +34,9 @@ def step_memory(config) -> dict[str, float]:
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   step = train.make_train_step(setup)
   start = time.perf_counter()
-  analysis = step.lower(setup.abstract_state, batch, key, stage="mask+edit").compile().memory_analysis()
+  analysis = (
+    step.lower(setup.abstract_state, batch, key, stage="mask+edit").compile().memory_analysis()
+  )
   peak = (
     analysis.argument_size_in_bytes
     + analysis.output_size_in_bytes

@@ -29,15 +29,20 @@ from sdiff_jax.checkpointing import Workdir
 from sdiff_jax.evaluate import nelbo
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.")
-_MODES = flags.DEFINE_list("modes", ["causal", "bidirectional", "block_causal"],
-                           "Attention modes to train, with +shift / +ar=F variants.")
+_MODES = flags.DEFINE_list(
+  "modes",
+  ["causal", "bidirectional", "block_causal"],
+  "Attention modes to train, with +shift / +ar=F variants.",
+)
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps per mode (train.num_steps).")
-_EVAL_STEPS = flags.DEFINE_list("eval_steps", ["50", "100", "150", "200"],
-                                "Steps at which the held-out bits are measured.")
+_EVAL_STEPS = flags.DEFINE_list(
+  "eval_steps", ["50", "100", "150", "200"], "Steps at which the held-out bits are measured."
+)
 _HELDOUT_ROWS = flags.DEFINE_integer("heldout_rows", 64, "Held-out validation rows.")
 _REPEATS = flags.DEFINE_integer("repeats", 4, "Noise levels per held-out row (diffusion).")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/sdiff_learning",
-                               "Where the tokenizer is built or found (tokenizer/).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "/tmp/sdiff_learning", "Where the tokenizer is built or found (tokenizer/)."
+)
 _JSON = flags.DEFINE_string("json", None, "Write the rows here.")
 _PNG = flags.DEFINE_string("png", None, "Plot bits against steps and tokens here.")
 
@@ -60,8 +65,9 @@ def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.Co
   return config
 
 
-def train_mode(base: ml_collections.ConfigDict, mode: str, tok, heldout, eval_steps: set[int],
-               workdir: Workdir) -> list[dict]:
+def train_mode(
+  base: ml_collections.ConfigDict, mode: str, tok, heldout, eval_steps: set[int], workdir: Workdir
+) -> list[dict]:
   """Trains one mode, returning a row per evaluation."""
   config = mode_config(base, mode)
   mesh = sharding.make_mesh(config.mesh)
@@ -73,23 +79,36 @@ def train_mode(base: ml_collections.ConfigDict, mode: str, tok, heldout, eval_st
   rows, start = [], time.perf_counter()
   for step in range(config.train.num_steps):
     stage = config_lib.stage_at(config, step)
-    state, metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh), key,
-                             stage=stage)
+    state, metrics = step_fn(state, sharding.global_batch(next(train_iter), mesh), key, stage=stage)
     if step + 1 in eval_steps:
       bits = nelbo.heldout_bits(setup.objective, state.params, heldout, _REPEATS.value)
-      rows.append({"mode": mode, "attention": config.attention, "step": step + 1,
-                   "stage": stage, "tokens": (step + 1) * config.train.batch_size
-                   * config.data.seq_len, "bits": bits.mean, "stderr": bits.stderr,
-                   "heldout_rows": bits.rows, "repeats": bits.repeats,
-                   "train_loss": float(metrics["loss"]), "seconds": time.perf_counter() - start})
-      print(f"{mode:>28} step {step + 1:>5} [{stage}]: held-out {bits} bits/token "
-            f"({time.perf_counter() - start:.0f} s)", flush=True)
+      rows.append(
+        {
+          "mode": mode,
+          "attention": config.attention,
+          "step": step + 1,
+          "stage": stage,
+          "tokens": (step + 1) * config.train.batch_size * config.data.seq_len,
+          "bits": bits.mean,
+          "stderr": bits.stderr,
+          "heldout_rows": bits.rows,
+          "repeats": bits.repeats,
+          "train_loss": float(metrics["loss"]),
+          "seconds": time.perf_counter() - start,
+        }
+      )
+      print(
+        f"{mode:>28} step {step + 1:>5} [{stage}]: held-out {bits} bits/token "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+      )
   return rows
 
 
 def plot(rows: list[dict], unigram: float, path: str) -> None:
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -99,8 +118,14 @@ def plot(rows: list[dict], unigram: float, path: str) -> None:
   for ax, x_name in zip(axes, ("step", "tokens")):
     for mode in dict.fromkeys(r["mode"] for r in rows):
       points = [r for r in rows if r["mode"] == mode]
-      ax.errorbar([p[x_name] for p in points], [p["bits"] for p in points],
-                  yerr=[p["stderr"] for p in points], marker="o", capsize=3, label=mode)
+      ax.errorbar(
+        [p[x_name] for p in points],
+        [p["bits"] for p in points],
+        yerr=[p["stderr"] for p in points],
+        marker="o",
+        capsize=3,
+        label=mode,
+      )
     ax.axhline(unigram, color="gray", linestyle="--", label="unigram")
     ax.set_xlabel("training steps" if x_name == "step" else "training tokens seen")
     ax.set_ylabel("held-out bits/token")
@@ -123,17 +148,24 @@ def main(argv):
   data_config = ml_collections.ConfigDict(base.data.to_dict())
   heldout = nelbo.heldout_rows(data_config, tok, _HELDOUT_ROWS.value)
   unigram = nelbo.unigram_bits(data_config, tok, heldout)
-  print(f"unigram baseline: {unigram:.3f} bits/token on {_HELDOUT_ROWS.value} held-out rows",
-        flush=True)
+  print(
+    f"unigram baseline: {unigram:.3f} bits/token on {_HELDOUT_ROWS.value} held-out rows", flush=True
+  )
   rows = []
   for mode in _MODES.value:
     rows += train_mode(base, mode, tok, heldout, eval_steps, workdir)
-  result = {"unigram_bits": unigram, "rows": rows, "config": base.to_dict(),
-            "devices": [str(d) for d in jax.devices()]}
+  result = {
+    "unigram_bits": unigram,
+    "rows": rows,
+    "config": base.to_dict(),
+    "devices": [str(d) for d in jax.devices()],
+  }
   print("\n| mode | step | tokens | held-out bits | vs unigram |\n|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['mode']} | {r['step']} | {r['tokens']:,} | {r['bits']:.3f} +- {r['stderr']:.3f} "
-          f"| {r['bits'] - unigram:+.2f} |")
+    print(
+      f"| {r['mode']} | {r['step']} | {r['tokens']:,} | {r['bits']:.3f} +- {r['stderr']:.3f} "
+      f"| {r['bits'] - unigram:+.2f} |"
+    )
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(result, f, indent=1, default=str)

@@ -32,10 +32,19 @@ PACKINGS = ("pack", "pad")
 BACKENDS = ("grain", "tfds")
 FEATURES = ("tokens", "segment_ids", "positions")
 CONFIG_FIELDS = (
-    "source", "valid_fraction", "tokenizer", "vocab_size", "seq_len", "packing", "backend", "tfds_data_dir"
+  "source",
+  "valid_fraction",
+  "tokenizer",
+  "vocab_size",
+  "seq_len",
+  "packing",
+  "backend",
+  "tfds_data_dir",
 )
 SHUFFLE_WINDOW_ROWS = 1024  # rows shuffled together; a restore replays at most this many
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=32)  # tokenizing holds the GIL
+_READ_OPTIONS = grain.ReadOptions(
+  num_threads=1, prefetch_buffer_size=32
+)  # tokenizing holds the GIL
 
 
 def _encode_document(tokenizer: tokenizer_lib.Tokenizer, text: str) -> np.ndarray:
@@ -92,7 +101,11 @@ class _RowsIterator(grain.DatasetIterator):
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._doc_parent_state, "offset": self._offset, "has_doc": self._doc is not None}
+    return {
+      "parent": self._doc_parent_state,
+      "offset": self._offset,
+      "has_doc": self._doc is not None,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
@@ -127,17 +140,17 @@ def _stack_rows(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dict[
 
 
 def make_dataset(
-    texts: Sequence[str],
-    tokenizer: tokenizer_lib.Tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    packing: str = "pack",
-    shuffle: bool = True,
-    seed: int = 0,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
+  texts: Sequence[str],
+  tokenizer: tokenizer_lib.Tokenizer,
+  *,
+  seq_len: int,
+  batch_size: int,
+  packing: str = "pack",
+  shuffle: bool = True,
+  seed: int = 0,
+  num_epochs: int | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
 ) -> grain.IterDataset:
   """Batches of this process's shard of `texts` (see the module docstring).
 
@@ -157,13 +170,17 @@ def make_dataset(
     raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}.")
   docs = grain.MapDataset.source(texts)[shard_index::shard_count]
   if not len(docs):
-    raise ValueError(f"Shard {shard_index} of {shard_count} has no documents ({len(texts)} in all).")
+    raise ValueError(
+      f"Shard {shard_index} of {shard_count} has no documents ({len(texts)} in all)."
+    )
   if shuffle:
     docs = docs.shuffle(seed=seed)
   docs = docs.repeat(num_epochs).map(functools.partial(_encode_document, tokenizer))
   rows = _RowsDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len, pack=packing == "pack")
   if shuffle:
-    rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=SHUFFLE_WINDOW_ROWS, seed=seed)
+    rows = grain.experimental.WindowShuffleIterDataset(
+      rows, window_size=SHUFFLE_WINDOW_ROWS, seed=seed
+    )
   return rows.batch(batch_size, batch_fn=functools.partial(_stack_rows, batch_size=batch_size))
 
 
@@ -174,15 +191,18 @@ def validate_data_config(data_config: Any) -> None:
       raise ValueError(f"config.data.{name} is missing.")
   d = data_config
   checks = (
-      ("source", isinstance(d.source, str) and d.source, "must be a non-empty string"),
-      ("valid_fraction", 0.0 <= d.valid_fraction < 1.0, "must be in [0, 1)"),
-      ("tokenizer", d.tokenizer in tokenizer_lib.KINDS, f"must be one of {tokenizer_lib.KINDS}"),
-      ("vocab_size", d.tokenizer != "bpe" or d.vocab_size >= tokenizer_lib.BYTE_VOCAB_SIZE,
-       f"must be >= {tokenizer_lib.BYTE_VOCAB_SIZE} for a BPE tokenizer"),
-      ("seq_len", d.seq_len >= 1, "must be positive"),
-      ("packing", d.packing in PACKINGS, f"must be one of {PACKINGS}"),
-      ("backend", d.backend in BACKENDS, f"must be one of {BACKENDS}"),
-      ("tfds_data_dir", d.backend != "tfds" or d.tfds_data_dir, "must be set when backend is 'tfds'"),
+    ("source", isinstance(d.source, str) and d.source, "must be a non-empty string"),
+    ("valid_fraction", 0.0 <= d.valid_fraction < 1.0, "must be in [0, 1)"),
+    ("tokenizer", d.tokenizer in tokenizer_lib.KINDS, f"must be one of {tokenizer_lib.KINDS}"),
+    (
+      "vocab_size",
+      d.tokenizer != "bpe" or d.vocab_size >= tokenizer_lib.BYTE_VOCAB_SIZE,
+      f"must be >= {tokenizer_lib.BYTE_VOCAB_SIZE} for a BPE tokenizer",
+    ),
+    ("seq_len", d.seq_len >= 1, "must be positive"),
+    ("packing", d.packing in PACKINGS, f"must be one of {PACKINGS}"),
+    ("backend", d.backend in BACKENDS, f"must be one of {BACKENDS}"),
+    ("tfds_data_dir", d.backend != "tfds" or d.tfds_data_dir, "must be set when backend is 'tfds'"),
   )
   for name, ok, why in checks:
     if not ok:
@@ -201,32 +221,32 @@ def load_texts(data_config: Any, split: str) -> Sequence[str]:
 
 
 def make_dataset_from_config(
-    data_config: Any,
-    tokenizer: tokenizer_lib.Tokenizer,
-    split: str,
-    *,
-    batch_size: int,
-    seed: int,
-    num_epochs: int | None = None,
+  data_config: Any,
+  tokenizer: tokenizer_lib.Tokenizer,
+  split: str,
+  *,
+  batch_size: int,
+  seed: int,
+  num_epochs: int | None = None,
 ) -> grain.IterDataset:
   """`make_dataset` over `split` of `config.data`; only the "train" split is shuffled."""
   validate_data_config(data_config)
   if tokenizer.kind != data_config.tokenizer or (
-      tokenizer.kind == "bpe" and tokenizer.vocab_size != data_config.vocab_size
+    tokenizer.kind == "bpe" and tokenizer.vocab_size != data_config.vocab_size
   ):
     raise ValueError(
-        f"config.data.tokenizer={data_config.tokenizer!r} (vocab_size={data_config.vocab_size}) does not "
-        f"match the tokenizer given (kind={tokenizer.kind!r}, vocab_size={tokenizer.vocab_size})."
+      f"config.data.tokenizer={data_config.tokenizer!r} (vocab_size={data_config.vocab_size}) does not "
+      f"match the tokenizer given (kind={tokenizer.kind!r}, vocab_size={tokenizer.vocab_size})."
     )
   return make_dataset(
-      load_texts(data_config, split),
-      tokenizer,
-      seq_len=data_config.seq_len,
-      batch_size=batch_size,
-      packing=data_config.packing,
-      shuffle=split == "train",
-      seed=seed,
-      num_epochs=num_epochs,
+    load_texts(data_config, split),
+    tokenizer,
+    seq_len=data_config.seq_len,
+    batch_size=batch_size,
+    packing=data_config.packing,
+    shuffle=split == "train",
+    seed=seed,
+    num_epochs=num_epochs,
   )
 
 

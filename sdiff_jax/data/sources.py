@@ -172,7 +172,9 @@ def _read_jsonl(path: pathlib.Path, collector: _Collector) -> None:
     collector.add(name, text if isinstance(text, str) else None)
 
 
-def load_corpus(source: str = "stdlib", split: str = "train", valid_fraction: float = 0.05) -> Corpus:
+def load_corpus(
+  source: str = "stdlib", split: str = "train", valid_fraction: float = 0.05
+) -> Corpus:
   """Reads one split ("train", "validation" or "all") of `source` into memory."""
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; valid choices: {SPLITS}.")
@@ -192,11 +194,15 @@ def load_corpus(source: str = "stdlib", split: str = "train", valid_fraction: fl
   else:
     _read_files(*_file_entries(source), collector)
   stats = CorpusStats(
-      files=len(collector.texts),
-      bytes=collector.num_bytes,
-      skipped_unreadable=collector.unreadable,
-      skipped_non_utf8=collector.non_utf8,
+    files=len(collector.texts),
+    bytes=collector.num_bytes,
+    skipped_unreadable=collector.unreadable,
+    skipped_non_utf8=collector.non_utf8,
   )
   if not collector.texts:
-    raise ValueError(f"Corpus source {source!r} has no readable documents in split {split!r} ({stats}).")
-  return Corpus(source=source, split=split, names=collector.names, texts=collector.texts, stats=stats)
+    raise ValueError(
+      f"Corpus source {source!r} has no readable documents in split {split!r} ({stats})."
+    )
+  return Corpus(
+    source=source, split=split, names=collector.names, texts=collector.texts, stats=stats
+  )

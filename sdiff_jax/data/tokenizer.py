@@ -97,7 +97,7 @@ class BPETokenizer(Tokenizer):
         raise ValueError(f"BPE tokenizer must map {token!r} to id {token_id}.")
     if hf_tokenizer.get_vocab_size() > vocab_size:
       raise ValueError(
-          f"BPE tokenizer has {hf_tokenizer.get_vocab_size()} tokens, more than vocab_size={vocab_size}."
+        f"BPE tokenizer has {hf_tokenizer.get_vocab_size()} tokens, more than vocab_size={vocab_size}."
       )
     # Text that spells a special token is encoded as ordinary text.
     hf_tokenizer.encode_special_tokens = True
@@ -121,24 +121,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = Tr
   """Trains a byte-level BPE (no normalizer, no prefix space) on `texts`."""
   if vocab_size < MIN_BPE_VOCAB:
     raise ValueError(
-        f"BPE vocab_size must be >= {MIN_BPE_VOCAB} ({NUM_SPECIAL} specials + 256 bytes), got {vocab_size}."
+      f"BPE vocab_size must be >= {MIN_BPE_VOCAB} ({NUM_SPECIAL} specials + 256 bytes), got {vocab_size}."
     )
   hf = tokenizers.Tokenizer(models.BPE())
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   hf.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=list(SPECIAL_TOKENS),
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=show_progress,
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=show_progress,
   )
   length = len(texts) if isinstance(texts, Sequence) else None
   hf.train_from_iterator(texts, trainer, length=length)
   if hf.get_vocab_size() < vocab_size:
     logging.warning(
-        "BPE learned only %d of %d tokens (corpus too small); the rest of the ids are unused.",
-        hf.get_vocab_size(),
-        vocab_size,
+      "BPE learned only %d of %d tokens (corpus too small); the rest of the ids are unused.",
+      hf.get_vocab_size(),
+      vocab_size,
     )
   return BPETokenizer(hf, vocab_size)
 
@@ -156,7 +156,9 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     raise ValueError(f"Corrupt tokenizer metadata {meta_path}: {e}") from e
   if kind == "byte":
     if vocab_size != BYTE_VOCAB_SIZE:
-      raise ValueError(f"Corrupt tokenizer metadata {meta_path}: byte vocab_size must be {BYTE_VOCAB_SIZE}.")
+      raise ValueError(
+        f"Corrupt tokenizer metadata {meta_path}: byte vocab_size must be {BYTE_VOCAB_SIZE}."
+      )
     return ByteTokenizer()
   if kind == "bpe":
     bpe_path = path / BPE_FILE
@@ -174,10 +176,10 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
 
 
 def get_or_build_tokenizer(
-    directory: str | os.PathLike[str],
-    kind: str,
-    vocab_size: int,
-    texts: Callable[[], Iterable[str]],
+  directory: str | os.PathLike[str],
+  kind: str,
+  vocab_size: int,
+  texts: Callable[[], Iterable[str]],
 ) -> Tokenizer:
   """Loads the tokenizer in `directory`, or builds it (BPE: trained on `texts()`) and saves it there.
 
@@ -191,8 +193,8 @@ def get_or_build_tokenizer(
     tokenizer = load_tokenizer(path)
     if tokenizer.kind != kind or (kind == "bpe" and tokenizer.vocab_size != vocab_size):
       raise ValueError(
-          f"Tokenizer saved in {path} is kind={tokenizer.kind!r} vocab_size={tokenizer.vocab_size}, but "
-          f"kind={kind!r} vocab_size={vocab_size} was asked for; change the config or remove {path}."
+        f"Tokenizer saved in {path} is kind={tokenizer.kind!r} vocab_size={tokenizer.vocab_size}, but "
+        f"kind={kind!r} vocab_size={vocab_size} was asked for; change the config or remove {path}."
       )
     return tokenizer
   tokenizer = ByteTokenizer() if kind == "byte" else train_bpe(texts(), vocab_size)

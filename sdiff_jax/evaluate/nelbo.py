@@ -26,23 +26,37 @@ from sdiff_jax.objective import Batch, Objective
 HELDOUT_SEED = 1234  # the held-out rows' shuffle: fixed, independent of the run's seed
 
 
-def heldout_rows(data_config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
-                 rows: int) -> dict[str, np.ndarray]:
+def heldout_rows(
+  data_config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, rows: int
+) -> dict[str, np.ndarray]:
   """`rows` fixed rows of the validation split (int32[B, L] tokens / segment_ids / positions)."""
   texts = pipeline.load_texts(data_config, "validation")
-  ds = pipeline.make_dataset(texts, tok, seq_len=data_config.seq_len, batch_size=rows,
-                             packing=data_config.packing, shuffle=True, seed=HELDOUT_SEED,
-                             num_epochs=1, shard_index=0, shard_count=1)
+  ds = pipeline.make_dataset(
+    texts,
+    tok,
+    seq_len=data_config.seq_len,
+    batch_size=rows,
+    packing=data_config.packing,
+    shuffle=True,
+    seed=HELDOUT_SEED,
+    num_epochs=1,
+    shard_index=0,
+    shard_count=1,
+  )
   return next(iter(ds))
 
 
-def unigram_bits(data_config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
-                 heldout: dict[str, np.ndarray], max_train_tokens: int = 2_000_000) -> float:
+def unigram_bits(
+  data_config: ml_collections.ConfigDict,
+  tok: tokenizer_lib.Tokenizer,
+  heldout: dict[str, np.ndarray],
+  max_train_tokens: int = 2_000_000,
+) -> float:
   """Bits/token of the training split's unigram model (add-one smoothed over the real
   vocabulary, BOS/EOS included) on the held-out tokens: what a model that ignores its
   context scores, by the ELBO as by the NLL."""
   counts = np.ones(tok.vocab_size, np.float64)
-  counts[:tokenizer_lib.NUM_SPECIAL] = 0
+  counts[: tokenizer_lib.NUM_SPECIAL] = 0
   counts[[tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID]] = 1
   seen = 0
   for text in pipeline.load_texts(data_config, "train"):
@@ -69,14 +83,16 @@ class Bits:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _row_bits(objective: Objective, params, batch: Batch, key: jax.Array, repeats: int
-              ) -> jax.Array:
+def _row_bits(
+  objective: Objective, params, batch: Batch, key: jax.Array, repeats: int
+) -> jax.Array:
   """float32[B]: each row's bits/token (ELBO averaged over `repeats` noise levels; AR: NLL)."""
   tokens_BxL, seg_BxL = batch["tokens"], batch["segment_ids"]
   if objective.mode == "causal":
     targets_BxL, valid_BxL = losses.next_token_targets(tokens_BxL, seg_BxL)
-    nll_BxL = losses.token_nll(objective.logits(params, tokens_BxL, batch), targets_BxL,
-                               tokenizer_lib.MASK_ID)
+    nll_BxL = losses.token_nll(
+      objective.logits(params, tokens_BxL, batch), targets_BxL, tokenizer_lib.MASK_ID
+    )
     return jnp.where(valid_BxL, nll_BxL, 0).sum(1) / jnp.maximum(valid_BxL.sum(1), 1) / math.log(2)
   valid_BxL = objective.scored(batch)
   eps = objective.config.diffusion.time_eps
@@ -85,27 +101,41 @@ def _row_bits(objective: Objective, params, batch: Batch, key: jax.Array, repeat
     time_key, mask_key = jax.random.split(jax.random.fold_in(key, r))
     u_B = jax.random.uniform(time_key, tokens_BxL.shape[:1])
     t_B = eps + (1 - eps) * (r + u_B) / repeats  # stratified over the repeats
-    noisy_BxL, masked_BxL = corruption.mask_corrupt(mask_key, tokens_BxL,
-                                                    objective.gamma.gamma(t_B), valid_BxL)
-    nll_BxL = losses.token_nll(objective.logits(params, noisy_BxL, batch), tokens_BxL,
-                               tokenizer_lib.MASK_ID)
-    weighted_B = schedules.elbo_weight(objective.gamma, t_B) * jnp.where(masked_BxL, nll_BxL,
-                                                                          0).sum(1)
+    noisy_BxL, masked_BxL = corruption.mask_corrupt(
+      mask_key, tokens_BxL, objective.gamma.gamma(t_B), valid_BxL
+    )
+    nll_BxL = losses.token_nll(
+      objective.logits(params, noisy_BxL, batch), tokens_BxL, tokenizer_lib.MASK_ID
+    )
+    weighted_B = schedules.elbo_weight(objective.gamma, t_B) * jnp.where(
+      masked_BxL, nll_BxL, 0
+    ).sum(1)
     return weighted_B / jnp.maximum(valid_BxL.sum(1), 1) / math.log(2)
 
   return jax.lax.map(one, jnp.arange(repeats)).mean(0)
 
 
-def heldout_bits(objective: Objective, params, heldout: dict[str, np.ndarray],
-                 repeats: int = 4, seed: int = 0, chunk: int = 16) -> Bits:
+def heldout_bits(
+  objective: Objective,
+  params,
+  heldout: dict[str, np.ndarray],
+  repeats: int = 4,
+  seed: int = 0,
+  chunk: int = 16,
+) -> Bits:
   """Mean bits/token over the held-out rows with its standard error (fixed keys)."""
   rows = heldout["tokens"].shape[0]
   key = jax.random.key(seed)
   per_row = []
   for start in range(0, rows, chunk):
-    batch = {k: jnp.asarray(v[start:start + chunk]) for k, v in heldout.items()}
-    per_row.append(np.asarray(_row_bits(objective, params, batch,
-                                        jax.random.fold_in(key, start), repeats)))
+    batch = {k: jnp.asarray(v[start : start + chunk]) for k, v in heldout.items()}
+    per_row.append(
+      np.asarray(_row_bits(objective, params, batch, jax.random.fold_in(key, start), repeats))
+    )
   bits_B = np.concatenate(per_row)
-  return Bits(float(bits_B.mean()), float(bits_B.std(ddof=1) / math.sqrt(rows)), rows,
-              1 if objective.mode == "causal" else repeats)
+  return Bits(
+    float(bits_B.mean()),
+    float(bits_B.std(ddof=1) / math.sqrt(rows)),
+    rows,
+    1 if objective.mode == "causal" else repeats,
+  )

@@ -78,8 +78,8 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     scale_D = self.param(
-        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        (x_BxTxD.shape[-1],))
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x_BxTxD.shape[-1],)
+    )
     x = x_BxTxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale_D).astype(self.dtype)
@@ -93,13 +93,20 @@ def apply_rope(x_BxTxHxDh: jax.Array, positions_BxT: jax.Array, theta: float) ->
   sin_BxTx1xF = jnp.sin(angle_BxTxF)[:, :, None, :]
   cos_BxTx1xF = jnp.cos(angle_BxTxF)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxHxDh.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos_BxTx1xF - x2 * sin_BxTx1xF,
-                         x2 * cos_BxTx1xF + x1 * sin_BxTx1xF], axis=-1)
+  out = jnp.concatenate(
+    [x1 * cos_BxTx1xF - x2 * sin_BxTx1xF, x2 * cos_BxTx1xF + x1 * sin_BxTx1xF], axis=-1
+  )
   return out.astype(x_BxTxHxDh.dtype)
 
 
-def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
-              mask_BxTxS: jax.Array, impl: str, chunk: int = 512) -> jax.Array:
+def attention(
+  q_BxTxHxDh: jax.Array,
+  k_BxSxKxDh: jax.Array,
+  v_BxSxKxDh: jax.Array,
+  mask_BxTxS: jax.Array,
+  impl: str,
+  chunk: int = 512,
+) -> jax.Array:
   """Softmax attention (GQA: H a multiple of K heads) under a boolean mask.
 
   `impl="chunked"` runs the queries `chunk` at a time, each chunk rematerialised
@@ -108,18 +115,21 @@ def attention(q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Arra
   """
   length = q_BxTxHxDh.shape[1]
   if impl != "chunked":
-    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
-                                        mask=mask_BxTxS[:, None], implementation=impl or None)
+    return jax.nn.dot_product_attention(
+      q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxTxS[:, None], implementation=impl or None
+    )
   if length <= chunk or length % chunk:
-    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
-                                        mask=mask_BxTxS[:, None])
+    return jax.nn.dot_product_attention(
+      q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxTxS[:, None]
+    )
   split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]), 1, 0)
 
   @jax.checkpoint
   def one(args):
     q_BxCxHxDh, mask_BxCxS = args
-    return jax.nn.dot_product_attention(q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDh,
-                                        mask=mask_BxCxS[:, None])
+    return jax.nn.dot_product_attention(
+      q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxCxS[:, None]
+    )
 
   out_NxBxCxHxDh = jax.lax.map(one, (split(q_BxTxHxDh), split(mask_BxTxS)))
   return jnp.moveaxis(out_NxBxCxHxDh, 0, 1).reshape(q_BxTxHxDh.shape)
@@ -135,8 +145,9 @@ class Attention(nn.Module):
 
     def proj(heads, name, axes):
       init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))  # fan-in d_model
-      kernel_DxHxDh = self.param(name, nn.with_logical_partitioning(init, axes),
-                                 (cfg.d_model, heads, cfg.head_dim))
+      kernel_DxHxDh = self.param(
+        name, nn.with_logical_partitioning(init, axes), (cfg.d_model, heads, cfg.head_dim)
+      )
       return jnp.einsum("btd,dhk->bthk", x_BxTxD, kernel_DxHxDh.astype(dtype))
 
     q_BxTxHxDh = proj(cfg.n_heads, "query", ("embed", "heads", "head_dim"))
@@ -146,18 +157,27 @@ class Attention(nn.Module):
     k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, cfg.rope_theta)
     if cache is not None:  # the whole [layers, B, S, ...] cache: written in place at `layer`
       start = (layer, 0, cache_index, 0, 0)
-      cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
-                                                  start)
-               for name, new in (("k", k_BxTxKxDh), ("v", v_BxTxKxDh))}
+      cache = {
+        name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
+        for name, new in (("k", k_BxTxKxDh), ("v", v_BxTxKxDh))
+      }
       k_BxSxKxDh, v_BxSxKxDh = cache["k"][layer], cache["v"][layer]
     else:
       k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
-    out_BxTxHxDh = attention(q_BxTxHxDh, k_BxSxKxDh.astype(dtype), v_BxSxKxDh.astype(dtype),
-                             mask_BxTxS, cfg.attention_impl, cfg.attention_chunk)
+    out_BxTxHxDh = attention(
+      q_BxTxHxDh,
+      k_BxSxKxDh.astype(dtype),
+      v_BxSxKxDh.astype(dtype),
+      mask_BxTxS,
+      cfg.attention_impl,
+      cfg.attention_chunk,
+    )
     out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)  # fan-in H * Dh
     kernel_HxDhxD = self.param(
-        "out", nn.with_logical_partitioning(out_init, ("heads", "head_dim", "embed")),
-        (cfg.n_heads, cfg.head_dim, cfg.d_model))
+      "out",
+      nn.with_logical_partitioning(out_init, ("heads", "head_dim", "embed")),
+      (cfg.n_heads, cfg.head_dim, cfg.d_model),
+    )
     out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, kernel_HxDhxD.astype(dtype))
     return out_BxTxD, cache
 
@@ -169,7 +189,8 @@ class MLP(nn.Module):
   def __call__(self, x_BxTxD):
     cfg, dtype = self.cfg, self.cfg.compute_dtype
     dense = lambda feat, axes, name: nn.Dense(
-        feat, use_bias=False, dtype=dtype, kernel_init=_dense_init(axes), name=name)
+      feat, use_bias=False, dtype=dtype, kernel_init=_dense_init(axes), name=name
+    )
     gate_BxTxF = dense(cfg.d_ff, ("embed", "mlp"), "gate")(x_BxTxD)
     up_BxTxF = dense(cfg.d_ff, ("embed", "mlp"), "up")(x_BxTxD)
     return dense(cfg.d_model, ("mlp", "embed"), "down")(nn.silu(gate_BxTxF) * up_BxTxF)
@@ -185,11 +206,17 @@ class Block(nn.Module):
     cfg = self.cfg
     x_BxTxD, cache = carry
     h, cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxTxD),
-        positions_BxT, mask_BxTxS, layer, cache, cache_index)
+      RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxTxD),
+      positions_BxT,
+      mask_BxTxS,
+      layer,
+      cache,
+      cache_index,
+    )
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxTxD))
+      RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxTxD)
+    )
     return (_rows_sharded(x_BxTxD), cache), None
 
 
@@ -199,14 +226,24 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, mask_BxTxS: jax.Array,
-               cache: KVCache | None = None, cache_index: jax.Array | None = None
-               ) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    mask_BxTxS: jax.Array,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     embed = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=1.0), ("vocab", "embed")), name="embed")
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=cfg.compute_dtype,
+      embedding_init=nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+      ),
+      name="embed",
+    )
     x_BxTxD = _rows_sharded(embed(tokens_BxT))
     block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat and cache is None else Block
     if cfg.scan_layers:
@@ -214,11 +251,17 @@ class Transformer(nn.Module):
       # does not grow with depth, and with remat the backward pass keeps only each
       # layer's input alive, whatever the backend's scheduler does. The cache rides
       # in the carry, so a forward writes only its new slots.
-      layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      layers = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       (x_BxTxD, new_cache), _ = layers(cfg, name="layers")(
-          (x_BxTxD, cache), jnp.arange(cfg.n_layers), positions_BxT, mask_BxTxS, cache_index)
+        (x_BxTxD, cache), jnp.arange(cfg.n_layers), positions_BxT, mask_BxTxS, cache_index
+      )
     else:
       # Layers unrolled, each with its own parameters (`unstack_layers`) and its own
       # [1, B, S, ...] cache: a scanned layer's weights are sliced out of the stack
@@ -226,8 +269,8 @@ class Transformer(nn.Module):
       new_cache = None if cache is None else []
       for i in range(cfg.n_layers):
         (x_BxTxD, layer_cache), _ = block_cls(cfg, name=f"layer_{i}")(
-            (x_BxTxD, None if cache is None else cache[i]), 0, positions_BxT, mask_BxTxS,
-            cache_index)
+          (x_BxTxD, None if cache is None else cache[i]), 0, positions_BxT, mask_BxTxS, cache_index
+        )
         if cache is not None:
           new_cache.append(layer_cache)
     x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
@@ -235,9 +278,15 @@ class Transformer(nn.Module):
       logits_BxTxV = embed.attend(x_BxTxD) / jnp.sqrt(cfg.d_model).astype(x_BxTxD.dtype)
     else:  # logits start with std ~ d_model**-0.5: near-uniform predictions
       unembed_init = nn.with_logical_partitioning(
-          nn.initializers.normal(stddev=1.0 / cfg.d_model), ("embed", "vocab"))
-      logits_BxTxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              kernel_init=unembed_init, name="unembed")(x_BxTxD)
+        nn.initializers.normal(stddev=1.0 / cfg.d_model), ("embed", "vocab")
+      )
+      logits_BxTxV = nn.Dense(
+        cfg.vocab_size,
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        kernel_init=unembed_init,
+        name="unembed",
+      )(x_BxTxD)
     return _rows_sharded(logits_BxTxV.astype(jnp.float32)), new_cache
 
 
@@ -245,8 +294,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> 
   """An empty KV cache for `length` positions: one [n_layers, B, S, KVH, Dh] stack for
   scanned layers, a list of per-layer [1, B, S, KVH, Dh] caches for unrolled ones."""
   dtype = dtype or cfg.compute_dtype
-  empty = lambda layers: {name: jnp.zeros((layers, batch, length, cfg.n_kv_heads, cfg.head_dim),
-                                          dtype) for name in ("k", "v")}
+  empty = lambda layers: {
+    name: jnp.zeros((layers, batch, length, cfg.n_kv_heads, cfg.head_dim), dtype)
+    for name in ("k", "v")
+  }
   return empty(cfg.n_layers) if cfg.scan_layers else [empty(1) for _ in range(cfg.n_layers)]
 
 

@@ -31,13 +31,17 @@ class CodeCorpusConfig(tfds.core.BuilderConfig):
 
 def config_for_source(source: str, valid_fraction: float = 0.05) -> CodeCorpusConfig:
   """A builder config named by a hash of the resolved source and `valid_fraction`."""
-  resolved = str(sources.stdlib_root()) if source == "stdlib" else os.path.abspath(os.path.expanduser(source))
+  resolved = (
+    str(sources.stdlib_root())
+    if source == "stdlib"
+    else os.path.abspath(os.path.expanduser(source))
+  )
   digest = hashlib.blake2b(f"{resolved}|{valid_fraction!r}".encode(), digest_size=6).hexdigest()
   return CodeCorpusConfig(
-      name=f"src_{digest}",
-      description=f"{source} ({resolved}), valid_fraction={valid_fraction}",
-      source=source if source == "stdlib" else resolved,
-      valid_fraction=valid_fraction,
+    name=f"src_{digest}",
+    description=f"{source} ({resolved}), valid_fraction={valid_fraction}",
+    source=source if source == "stdlib" else resolved,
+    valid_fraction=valid_fraction,
   )
 
 
@@ -49,10 +53,12 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Source files of a local code corpus.",
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}),
-        disable_shuffling=True,  # records keep `load_corpus` order
+      builder=self,
+      description="Source files of a local code corpus.",
+      features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text(), "path": tfds.features.Text()}
+      ),
+      disable_shuffling=True,  # records keep `load_corpus` order
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
@@ -61,7 +67,9 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in splits}
 
   def _generate_examples(self, split: str):
-    corpus = sources.load_corpus(self.builder_config.source, split, self.builder_config.valid_fraction)
+    corpus = sources.load_corpus(
+      self.builder_config.source, split, self.builder_config.valid_fraction
+    )
     for name, text in zip(corpus.names, corpus.texts):
       yield name, {"text": text, "path": name}
 
@@ -87,16 +95,16 @@ class TfdsTexts(Sequence[str]):
 
 
 def build_tfds_corpus(
-    source: str, data_dir: str | os.PathLike[str], valid_fraction: float = 0.05
+  source: str, data_dir: str | os.PathLike[str], valid_fraction: float = 0.05
 ) -> dict[str, TfdsTexts]:
   """Builds `source` as ArrayRecord under `data_dir` (once) and returns its texts by split.
 
   Keys: "train", "validation" (when valid_fraction > 0) and "all".
   """
   builder = CodeCorpus(
-      config=config_for_source(source, valid_fraction),
-      data_dir=os.fspath(data_dir),
-      file_format="array_record",
+    config=config_for_source(source, valid_fraction),
+    data_dir=os.fspath(data_dir),
+    file_format="array_record",
   )
   builder.download_and_prepare()
   splits = list(builder.info.splits)
