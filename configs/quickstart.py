@@ -1,6 +1,6 @@
 r"""Quickstart: a small diffusion LM on the Python standard library, on a CPU.
 
-Command to run (about 5 minutes on 2 CPU cores: BPE training, 200 steps, sampling):
+Command to run (about 6 minutes on 2 CPU cores: BPE training, 400 steps, sampling):
 
     python -m sdiff_jax.main --config=configs/quickstart.py --workdir=/tmp/sdiff_quickstart
 
@@ -38,8 +38,12 @@ def get_config(attention: str = "bidirectional"):
   # a diffusion model whose output at i-1 predicts token i (the AR model's alignment).
   c.diffusion.shift = attention == "bidirectional"
   c.curriculum.ar_fraction = 0.5 if attention == "bidirectional" else 0.0
+  # The edit term (last 20%) at a quarter weight: with the shifted prediction, restoring a
+  # clean token means reading its right neighbour, which 80 steps do not teach (edit bits
+  # 6.2 against a copy baseline of 1.1); at weight 1 it took the total loss from ~7 to ~14.
+  c.curriculum.edit_weight = 0.25
 
-  c.train.num_steps = 300
+  c.train.num_steps = 400
   c.train.batch_size = 8
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 20
