@@ -196,7 +196,7 @@ def _run_main(workdir, config_args, **popen_kw):
 
 
 def _config_args(source, num_steps, **extra):
-  """Flags for configs/tiny_test.py-equivalent settings through the quickstart file."""
+  """Flags for configs/tiny.py-equivalent settings through the quickstart file (its recipe)."""
   args = {
     "data.source": source,
     "data.tokenizer": "byte",
@@ -237,7 +237,11 @@ def _final_params(workdir):
 
 def test_curriculum_and_sigterm_resume_match_uninterrupted(tmp_path, code_corpus_dir):
   steps = 60
-  args = _config_args(code_corpus_dir, steps, **{"curriculum.edit_start_fraction": 0.5})
+  args = _config_args(
+    code_corpus_dir,
+    steps,
+    **{"curriculum.ar_fraction": 0.25, "curriculum.edit_start_fraction": 0.5},
+  )
   # Uninterrupted reference run.
   ref = _run_main(tmp_path / "ref", args)
   out, _ = ref.communicate(timeout=600)
@@ -245,7 +249,8 @@ def test_curriculum_and_sigterm_resume_match_uninterrupted(tmp_path, code_corpus
   stages = {
     int(l.split()[1].split("/")[0]): l.split()[2] for l in out.splitlines() if l.startswith("step ")
   }
-  assert all(s == "[mask]" for k, s in stages.items() if k <= 30), out
+  assert all(s == "[ar]" for k, s in stages.items() if k <= 15), out
+  assert all(s == "[mask]" for k, s in stages.items() if 15 < k <= 30), out
   assert all(s == "[mask+edit]" for k, s in stages.items() if k > 30), out
 
   # Interrupted run: SIGTERM once it reports step 10, then resume.
