@@ -216,6 +216,7 @@ def main(argv):
       dataclasses.replace(
         base,
         attention=attention,
+        shift=bool(config.diffusion.shift) and attention == "bidirectional",
         cache_mode=cache_mode,
         suffix_mask=_SUFFIX_MASK.value,
         block_size=_BLOCK_SIZE.value,
