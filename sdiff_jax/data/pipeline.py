@@ -196,8 +196,8 @@ def validate_data_config(data_config: Any) -> None:
     ("tokenizer", d.tokenizer in tokenizer_lib.KINDS, f"must be one of {tokenizer_lib.KINDS}"),
     (
       "vocab_size",
-      d.tokenizer != "bpe" or d.vocab_size >= tokenizer_lib.BYTE_VOCAB_SIZE,
-      f"must be >= {tokenizer_lib.BYTE_VOCAB_SIZE} for a BPE tokenizer",
+      d.tokenizer != "bpe" or d.vocab_size >= tokenizer_lib.MIN_BPE_VOCAB,
+      f"must be >= {tokenizer_lib.MIN_BPE_VOCAB} for a BPE tokenizer",
     ),
     ("seq_len", d.seq_len >= 1, "must be positive"),
     ("packing", d.packing in PACKINGS, f"must be one of {PACKINGS}"),
