@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from sdiff_jax.losses import LOSS_WEIGHTINGS
 from sdiff_jax.models.attention_masks import ATTENTION_MODES
 from sdiff_jax.models.transformer import ATTENTION_IMPLS, DTYPES, ModelConfig
 
@@ -67,6 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Bidirectional models: the output at i-1 predicts token i, as an AR model's does
   # (see objective.py); sampling follows the model's setting.
   c.diffusion.shift = False
+  # What the mask term trains on (the reported mask_bits are the ELBO either way): "elbo"
+  # (gamma'/gamma-weighted NLL of the masked tokens per token) or "masked_mean" (the mean
+  # NLL of the batch's masked tokens: no 1/t weight, lower variance; MaskGIT, LLaDA's SFT).
+  c.diffusion.loss_weighting = "elbo"
 
   c.curriculum = ml_collections.ConfigDict()
   # Stages: "ar" (next-token loss on the same parameters, causal mask; needs
@@ -206,6 +211,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, "model.dtype", tuple(DTYPES))
   _choice(config, "model.attention_impl", ATTENTION_IMPLS)
   _choice(config, "train.nonfinite", NONFINITE_POLICIES)
+  _choice(config, "diffusion.loss_weighting", LOSS_WEIGHTINGS)
   for field, fn in (
     ("diffusion.gamma_schedule", schedules.get_gamma_schedule),
     (

@@ -1,6 +1,7 @@
 """Training objectives, all reported in bits per token.
 
-* masked-diffusion ELBO: sum over masked positions of (gamma'/gamma) * NLL;
+* masked-diffusion ELBO: sum over masked positions of (gamma'/gamma) * NLL, or, to
+  train on, the plain mean NLL of the masked tokens (`diffusion.loss_weighting`);
 * edit term: -log p(x0 | x_t) at every real position, aligned to x0, next to its
   copy baseline (the bits of predicting the input token itself);
 * next-token loss for the autoregressive (`causal`) baseline.
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 LN2 = math.log(2.0)
+LOSS_WEIGHTINGS = ("elbo", "masked_mean")  # what the mask term trains on (diffusion.loss_weighting)
 
 
 def suppress_token(logits_BxLxV: jax.Array, token_id: int) -> jax.Array:
@@ -38,6 +40,11 @@ def masked_diffusion_bits(
   """Continuous-time masked-diffusion ELBO (an upper bound on NLL), bits/token."""
   weighted_BxL = weight_B[:, None] * jnp.where(is_masked_BxL, nll_BxL, 0.0)
   return _per_token_bits(weighted_BxL.sum(), valid_BxL.sum())
+
+
+def masked_mean_bits(nll_BxL: jax.Array, is_masked_BxL: jax.Array) -> jax.Array:
+  """Mean NLL of the masked tokens, bits/token: the ELBO's terms without the 1/t weight."""
+  return _per_token_bits(jnp.where(is_masked_BxL, nll_BxL, 0.0).sum(), is_masked_BxL.sum())
 
 
 def mean_bits(nll_BxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:

@@ -4,7 +4,8 @@ The curriculum stage (`config_lib.STAGES`) is "ar", "mask" or "mask+edit". By
 `config.attention`:
 * `bidirectional` / `block_causal`: the Seed Diffusion objective. The
   masked-diffusion ELBO (mask corruption at t ~ U(eps, 1), the denoiser's
-  logits, (gamma'/gamma)-weighted NLL of the masked tokens); in "mask+edit"
+  logits, (gamma'/gamma)-weighted NLL of the masked tokens, or their plain mean with
+  `diffusion.loss_weighting="masked_mean"`); in "mask+edit"
   (the curriculum's second stage) plus the edit term -log p(x0 | x_edit) at
   every real position. No carry-over: the model predicts every position. An "ar"
   stage (`curriculum.ar_fraction`, with `diffusion.shift`) trains the same
@@ -121,6 +122,8 @@ class Objective:
       mask_bits=mask_bits, mask_rate=is_masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1)
     )
     loss = mask_bits
+    if d.loss_weighting == "masked_mean":  # trained on; mask_bits stays the ELBO
+      loss = metrics["masked_mean_bits"] = losses.masked_mean_bits(nll_BxL, is_masked_BxL)
     if stage == "mask+edit":
       # Each document of a row is edited on its own, length-preserving, with local
       # del-ins / ins-del pairs (see corruption.py): the model reads the edited row at

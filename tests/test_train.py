@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from sdiff_jax import checkpointing, config_lib, corruption, losses, sharding, train
+from sdiff_jax import checkpointing, config_lib, corruption, losses, schedules, sharding, train
 from sdiff_jax.data import pipeline
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.models import training_mask
+from sdiff_jax.objective import Objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +102,35 @@ def test_shift_predicts_each_token_from_the_position_before_it(code_corpus_dir):
   )
   config.attention = "block_causal"
   with pytest.raises(ValueError, match="diffusion.shift"):
+    config_lib.validate(config)
+
+
+def test_masked_mean_weighting_trains_on_the_masked_tokens_mean_nll(code_corpus_dir):
+  config = tiny_config(code_corpus_dir)
+  setup, state, batch = _setup(config)
+  key = jax.random.key(3)
+  _, elbo_metrics = setup.objective(state.params, batch, key, "mask")
+  config.diffusion.loss_weighting = "masked_mean"
+  config_lib.validate(config)
+  objective = Objective(config, setup.objective.model_cfg.vocab_size)
+  loss, metrics = objective(state.params, batch, key, "mask")
+  # the same corruption (same key): recompute the masked tokens' mean NLL by hand
+  time_key, mask_key, _, _ = jax.random.split(key, 4)
+  d = config.diffusion
+  t = schedules.sample_times(time_key, batch["tokens"].shape[0], eps=d.time_eps, antithetic=True)
+  noisy, masked = corruption.mask_corrupt(
+    mask_key, batch["tokens"], objective.gamma.gamma(t), objective.scored(batch)
+  )
+  nll = np.asarray(
+    losses.token_nll(
+      objective.logits(state.params, noisy, batch), batch["tokens"], tokenizer_lib.MASK_ID
+    )
+  )
+  expected = nll[np.asarray(masked)].mean() / math.log(2)
+  assert float(loss) == pytest.approx(expected, rel=1e-4)
+  assert float(metrics["mask_bits"]) == pytest.approx(float(elbo_metrics["mask_bits"]), rel=1e-5)
+  config.diffusion.loss_weighting = "mean"
+  with pytest.raises(ValueError, match=r"diffusion\.loss_weighting"):
     config_lib.validate(config)
 
 

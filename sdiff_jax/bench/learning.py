@@ -9,10 +9,12 @@ from the same initialisation seed; at each of `--eval_steps` its held-out bits/t
 (`evaluate.nelbo`: ELBO for diffusion models, NLL for AR, with a standard error over
 a fixed, shuffled set of validation rows) is recorded against steps and training
 tokens seen, beside the unigram baseline on the same rows. A mode is an attention
-mode with optional `+` variants (the base config's own shift and AR stage are reset, so a
+mode with optional `+` variants (the base config's shift, AR stage and loss weighting are reset, so a
 mode names them all): `shift` (diffusion.shift=True), `ar=F`
 (curriculum.ar_fraction=F: the first F of the steps train the next-token loss on the
-same parameters, i.e. an AR model adapted to diffusion within the step budget).
+same parameters, i.e. an AR model adapted to diffusion within the step budget), `mean`
+(diffusion.loss_weighting="masked_mean": train on the masked tokens' mean NLL; the
+held-out bits stay the ELBO).
 Writes JSON rows and, with matplotlib installed, a PNG of both curves.
 """
 
@@ -53,7 +55,9 @@ def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.Co
   attention, *variants = mode.split("+")
   config = ml_collections.ConfigDict(base.to_dict())
   config.attention = attention
-  config.diffusion.shift, config.curriculum.ar_fraction = False, 0.0  # a mode says both
+  # a mode says all of these
+  config.diffusion.shift, config.curriculum.ar_fraction = False, 0.0
+  config.diffusion.loss_weighting = "elbo"
   for variant in variants:
     name, _, value = variant.partition("=")
     if name == "shift":
@@ -61,8 +65,10 @@ def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.Co
     elif name == "ar":
       config.diffusion.shift = True
       config.curriculum.ar_fraction = float(value)
+    elif name == "mean":
+      config.diffusion.loss_weighting = "masked_mean"
     else:
-      raise ValueError(f"mode {mode!r}: unknown variant {variant!r} (valid: shift, ar=F)")
+      raise ValueError(f"mode {mode!r}: unknown variant {variant!r} (valid: shift, ar=F, mean)")
   config_lib.validate(config)
   return config
 
