@@ -70,9 +70,10 @@ def _sampling_mesh(config: ml_collections.ConfigDict):
     return sharding.make_mesh(fallback)
 
 
-def load_model(workdir: str) -> Loaded:
-  """`workdir`'s config, tokenizer and latest parameters (sharded on its mesh when it fits
-  this host, else over the local devices); the optimizer state is not read."""
+def load_model(workdir: str, step: int | None = None) -> Loaded:
+  """`workdir`'s config, tokenizer and parameters of checkpoint `step` (default: the
+  latest), sharded on its mesh when it fits this host, else over the local devices; the
+  optimizer state is not read."""
   paths = checkpointing.Workdir(workdir)
   config = paths.read_config()
   tok = tokenizer_lib.load_tokenizer(paths.tokenizer)
@@ -82,7 +83,7 @@ def load_model(workdir: str) -> Loaded:
     lambda key: objective.init_params(key, config.data.seq_len), jax.random.key(0)
   )
   abstract_params, _ = sharding.abstract_sharded(boxed, mesh, sharding.rules(config.mesh))
-  step = checkpointing.latest_step(paths)
+  step = checkpointing.latest_step(paths) if step is None else step
   vocab = checkpointing.saved_vocab_size(paths, step)
   if vocab is not None and vocab != tok.vocab_size:
     raise ValueError(
@@ -120,16 +121,22 @@ def encode_prompts(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int) 
 
 
 def complete(
-  model: str | Loaded, prompts: Sequence[str], seed: int = 0, **settings: Any
+  model: str | Loaded,
+  prompts: Sequence[str],
+  seed: int = 0,
+  prompt_len: int | None = None,
+  **settings: Any,
 ) -> tuple[list[str], Stats]:
   """Completions of `prompts` (text after the prompt, up to EOS) and what decoding took.
 
   `model` is a workdir or `load_model`'s result; `settings` are `sampling.Settings` fields.
+  `prompt_len` pads every prompt (BOS included) to that many tokens: batches of other
+  prompts then reuse one compilation.
   """
   loaded = load_model(model) if isinstance(model, (str, os.PathLike)) else model
   s = settings_for(loaded.config, **settings)
   ids = encode_prompts(loaded, prompts, s.max_new_tokens)
-  prompt_BxP, lens_B = sampling.left_pad(ids)
+  prompt_BxP, lens_B = sampling.left_pad(ids, prompt_len)
   decoder = sampling.Decoder(config_lib.model_config(loaded.config, loaded.tokenizer.vocab_size))
   params_sharding = jax.tree.leaves(loaded.params)[0].sharding
   if isinstance(params_sharding, NamedSharding):  # rows over (data, fsdp) when they divide it

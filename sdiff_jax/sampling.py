@@ -204,12 +204,20 @@ class Generation:
     return float(np.mean(jax.device_get(self.lengths))) / max(int(self.nfe), 1)
 
 
-def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> (int32[B, P] left-padded with PAD to the longest, int32[B] lengths)."""
+def left_pad(
+  prompts: Sequence[Sequence[int]], length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (int32[B, P] left-padded with PAD, int32[B] lengths).
+
+  P is the longest prompt's length, or `length` (one compilation for batches of
+  different prompts)."""
   lengths_B = np.array([len(p) for p in prompts], np.int32)
   if lengths_B.min(initial=1) < 1:
     raise ValueError("every prompt needs at least one token (e.g. BOS)")
-  length = int(lengths_B.max())
+  longest = int(lengths_B.max())
+  if length is not None and length < longest:
+    raise ValueError(f"a prompt has {longest} tokens, more than length={length}")
+  length = longest if length is None else length
   prompt_BxP = np.full((len(prompts), length), PAD, np.int32)
   for row, p in enumerate(prompts):
     prompt_BxP[row, length - len(p) :] = p

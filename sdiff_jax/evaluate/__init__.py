@@ -1,1 +1,2 @@
-"""Evaluation of trained models: held-out likelihood (nelbo)."""
+"""Evaluation of trained models (`python -m sdiff_jax.evaluate`, see run.py): held-out
+likelihood (nelbo), validity, repair, judge perplexity and HumanEval in a sandbox."""

@@ -27,10 +27,14 @@ HELDOUT_SEED = 1234  # the held-out rows' shuffle: fixed, independent of the run
 
 
 def heldout_rows(
-  data_config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, rows: int
+  data_config: ml_collections.ConfigDict,
+  tok: tokenizer_lib.Tokenizer,
+  rows: int,
+  split: str = "validation",
 ) -> dict[str, np.ndarray]:
-  """`rows` fixed rows of the validation split (int32[B, L] tokens / segment_ids / positions)."""
-  texts = pipeline.load_texts(data_config, "validation")
+  """`rows` fixed rows of `split` (int32[B, L] tokens / segment_ids / positions); fewer
+  when the split is shorter."""
+  texts = pipeline.load_texts(data_config, split)
   ds = pipeline.make_dataset(
     texts,
     tok,
@@ -43,7 +47,9 @@ def heldout_rows(
     shard_index=0,
     shard_count=1,
   )
-  return next(iter(ds))
+  batch = next(iter(ds))
+  real_B = batch["segment_ids"].any(axis=1)  # a short split's batch ends with padding rows
+  return {name: array[real_B] for name, array in batch.items()}
 
 
 def unigram_bits(

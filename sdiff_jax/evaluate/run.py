@@ -1,0 +1,276 @@
+"""The evaluation suites over one trained workdir, as rows of numbers (`python -m
+sdiff_jax.evaluate` prints and saves them).
+
+Suites: nelbo (held-out bits/token and the unigram baseline, `nelbo.py`), validity
+(`validity.py`), repair (`repair.py`), judge (`judge.py`), humaneval (`humaneval.py`
+through `sandbox.py`). Suites that decode (validity, judge, humaneval) run once per
+sampler setting of the grid (`completions.settings_grid`), and their rows carry the
+setting with its tokens per forward and tokens/s: quality against speed, one curve per
+setting. Every row has its value, standard error and sample count.
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import ml_collections
+
+from sdiff_jax import checkpointing, inference
+from sdiff_jax.data import pipeline
+from sdiff_jax.evaluate import completions, judge, nelbo, repair, validity
+from sdiff_jax.objective import Objective
+
+SUITES = ("nelbo", "validity", "repair", "judge", "humaneval")
+HUMANEVAL_DEFAULTS = {
+  "samples": 1,  # n per problem (pass@10 needs n >= 10)
+  "temperature": 0.8,  # when samples > 1
+  "timeout_s": 10.0,  # per candidate, in the sandbox
+  # path prefix of the resumable results files, PREFIX.step<N>.<setting>.jsonl (default:
+  # WORKDIR/eval/humaneval)
+  "results": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  suites: Sequence[str] = ("nelbo", "validity", "repair")
+  heldout_rows: int = 64
+  repeats: int = 4  # noise levels per held-out row (ELBO)
+  corpora: Sequence[str] = ()  # nelbo on these too: a directory, glob or JSONL (all of it)
+  num_prompts: int = 32
+  max_new_tokens: int = 64
+  batch_size: int = 16
+  grid: dict[str, Sequence[Any]] = dataclasses.field(
+    default_factory=lambda: {"steps_per_block": (1, 2, 4, 8)}
+  )
+  repair_alpha: float = 0.05
+  repair_kinds: Sequence[str] = ("edit", "substitution")
+  judge_workdir: str | None = None
+  humaneval: dict[str, Any] = dataclasses.field(default_factory=dict)  # HUMANEVAL_DEFAULTS keys
+  seed: int = 0
+
+  def validate(self) -> None:
+    unknown = sorted(set(self.suites) - set(SUITES))
+    if unknown:
+      raise ValueError(f"unknown suites {unknown}: valid are {SUITES}")
+    if "judge" in self.suites and not self.judge_workdir:
+      raise ValueError("the judge suite needs judge_workdir (a trained causal workdir)")
+    if self.num_prompts < 1 or self.heldout_rows < 2:
+      raise ValueError("num_prompts must be >= 1 and heldout_rows >= 2")
+
+
+def _row(suite: str, metric: str, value_se, n: int, **extra) -> dict[str, Any]:
+  value, se = value_se
+  return {"suite": suite, "metric": metric, "value": value, "stderr": se, "n": n, **extra}
+
+
+def _progress(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _nelbo_rows(loaded, objective, o: Options) -> list[dict]:
+  rows = []
+  sets = [("validation", loaded.config.data, "validation")]
+  for path in o.corpora:
+    data = ml_collections.ConfigDict(loaded.config.data.to_dict())
+    data.source, data.backend = path, "grain"
+    sets.append((path, data, "all"))
+  for name, data, split in sets:
+    heldout = nelbo.heldout_rows(data, loaded.tokenizer, o.heldout_rows, split)
+    bits = nelbo.heldout_bits(objective, loaded.params, heldout, o.repeats, o.seed)
+    unigram = nelbo.unigram_bits(loaded.config.data, loaded.tokenizer, heldout)
+    kind = "nll" if objective.mode == "causal" else "elbo"
+    extra = dict(corpus=name, repeats=bits.repeats)
+    rows.append(_row("nelbo", f"bits_{kind}", (bits.mean, bits.stderr), bits.rows, **extra))
+    rows.append(_row("nelbo", "unigram_bits", (unigram, 0.0), bits.rows, **extra))
+    _progress(f"nelbo [{name}]: {bits} bits/token ({kind}), unigram {unigram:.3f}")
+  return rows
+
+
+def _repair_rows(loaded, objective, o: Options) -> list[dict]:
+  if objective.mode == "causal":
+    _progress("repair: skipped (a causal model cannot re-predict its input)")
+    return []
+  heldout = nelbo.heldout_rows(loaded.config.data, loaded.tokenizer, o.heldout_rows)
+  rows = []
+  for kind in o.repair_kinds:
+    result = repair.repair(objective, loaded.params, heldout, kind, o.repair_alpha, seed=o.seed)
+    n = int(result.pop("snippets")[0])
+    for metric, value_se in result.items():
+      rows.append(_row("repair", metric, value_se, n, kind=kind, alpha=o.repair_alpha))
+    _progress(
+      f"repair [{kind}, alpha {o.repair_alpha}]: restored {result['restored'][0]:.3f}, "
+      f"damaged {result['damaged'][0]:.3f}, exact {result['exact'][0]:.3f} of {n} snippets"
+    )
+  return rows
+
+
+def _decoding_rows(loaded, o: Options) -> list[dict]:
+  """validity and judge: one decoding of the validity prompts per sampler setting."""
+  texts = pipeline.load_texts(loaded.config.data, "validation")
+  items = [
+    item
+    for item in validity.function_prompts(texts, 4 * o.num_prompts)
+    if completions.fits(loaded, item.prompt, o.max_new_tokens)
+  ][: o.num_prompts]
+  if not items:
+    raise ValueError("no validation function fits the model's context with a docstring prompt")
+  judge_model = inference.load_model(o.judge_workdir) if "judge" in o.suites else None
+  rows = []
+  for settings in completions.settings_grid(loaded.config.attention, **o.grid):
+    decoded = completions.decode(
+      loaded,
+      [item.prompt for item in items],
+      {"max_new_tokens": o.max_new_tokens, **settings},
+      batch_size=o.batch_size,
+      seed=o.seed,
+    )
+    speed = dict(
+      settings=settings,
+      tokens_per_forward=decoded.tokens_per_forward,
+      tokens_per_s=decoded.tokens_per_s,
+    )
+    label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "token by token"
+    if "validity" in o.suites:
+      scores = [
+        validity.score(item, text, ended)
+        for item, text, ended in zip(items, decoded.texts, decoded.ended)
+      ]
+      summary = validity.summarise(scores)
+      for metric, value_se in summary.items():
+        rows.append(_row("validity", metric, value_se, len(items), **speed))
+      _progress(
+        f"validity [{label}]: parses {summary['parses'][0]:.3f}, exact {summary['exact'][0]:.3f},"
+        f" similarity {summary['similarity'][0]:.3f}; {decoded.tokens_per_forward:.2f} "
+        f"tokens/forward, {decoded.tokens_per_s:.0f} tokens/s"
+      )
+    if judge_model is not None:
+      prompts = [item.prompt for item in items]
+      result = judge.judge(judge_model, prompts, decoded.texts)
+      for metric, value_se in result.items():
+        rows.append(_row("judge", metric, value_se, len(items), judge=o.judge_workdir, **speed))
+      _progress(
+        f"judge [{label}]: gen PPL {result['gen_ppl'][0]:.1f}, "
+        f"unigram entropy {result['unigram_entropy'][0]:.2f} bits"
+      )
+  return rows
+
+
+def _humaneval_rows(loaded, o: Options, workdir: str, step: int | None) -> list[dict]:
+  """pass@k per sampler setting; problems whose prompt does not fit the context are
+  counted as failed (the rows say how many), so pass@k is always over the 164."""
+  from sdiff_jax.evaluate import humaneval  # pylint: disable=g-import-not-at-top
+
+  h = {**HUMANEVAL_DEFAULTS, **o.humaneval}
+  problems = humaneval.load_problems()
+  fitting = [p for p in problems if completions.fits(loaded, p.prompt, o.max_new_tokens)]
+  rows = []
+  for settings in completions.settings_grid(loaded.config.attention, **o.grid):
+    settings = {"temperature": h["temperature"], **settings} if h["samples"] > 1 else settings
+    samples: dict[str, list[str]] = {p.task_id: [""] * h["samples"] for p in problems}
+    speed = {}
+    if fitting:
+      for i in range(h["samples"]):
+        decoded = completions.decode(
+          loaded,
+          [p.prompt for p in fitting],
+          {"max_new_tokens": o.max_new_tokens, **settings},
+          batch_size=o.batch_size,
+          seed=o.seed + 1000 * i,
+        )
+        for p, text in zip(fitting, decoded.texts):
+          samples[p.task_id][i] = humaneval.trim_completion(text)
+        speed = dict(
+          tokens_per_forward=decoded.tokens_per_forward, tokens_per_s=decoded.tokens_per_s
+        )
+    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "ar"
+    prefix = h["results"] or os.path.join(workdir, "eval", "humaneval")
+    path = f"{prefix}.step{step}.{tag}.jsonl"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    result = humaneval.evaluate_completions(
+      problems,
+      samples,
+      timeout_s=h["timeout_s"],
+      results_path=path,
+      settings={
+        "workdir": workdir,
+        "step": step,
+        "sampler": settings,
+        "max_new_tokens": o.max_new_tokens,
+        "samples": h["samples"],
+        "seed": o.seed,
+      },
+    )
+    extra = dict(settings=settings, prompts_too_long=len(problems) - len(fitting), **speed)
+    for k, value in result.pass_at_k.items():
+      rows.append(
+        _row(
+          "humaneval",
+          f"pass@{k}",
+          (value, _binomial_se(value, len(problems))),
+          len(problems),
+          **extra,
+        )
+      )
+    _progress(f"humaneval [{tag}]: pass@k {result.pass_at_k} ({result.new_runs} candidates run)")
+  return rows
+
+
+def canonical_rows(timeout_s: float = 10.0) -> list[dict[str, Any]]:
+  """HumanEval's canonical solutions through the harness (no model): all 164 must pass."""
+  from sdiff_jax.evaluate import humaneval  # pylint: disable=g-import-not-at-top
+
+  passed, total, seconds = humaneval.check_canonical(timeout_s)
+  _progress(f"humaneval canonical solutions: {passed}/{total} pass ({seconds:.0f} s)")
+  return [_row("humaneval", "canonical_pass", (passed / total, 0.0), total, seconds=seconds)]
+
+
+def _binomial_se(p: float, n: int) -> float:
+  return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def evaluate(workdir: str, options: Options, step: int | None = None) -> list[dict[str, Any]]:
+  """Every requested suite's rows for `workdir` at checkpoint `step` (default: latest)."""
+  options.validate()
+  paths = checkpointing.Workdir(workdir)
+  paths.read_config()  # a clear error for a missing workdir before anything else
+  step = checkpointing.latest_step(paths) if step is None else step
+  loaded = inference.load_model(workdir, step)
+  objective = Objective(loaded.config, loaded.tokenizer.vocab_size)
+  rows = []
+  for suite, fn in (
+    ("nelbo", lambda: _nelbo_rows(loaded, objective, options)),
+    ("repair", lambda: _repair_rows(loaded, objective, options)),
+    ("validity", lambda: _decoding_rows(loaded, options)),
+    ("humaneval", lambda: _humaneval_rows(loaded, options, workdir, step)),
+  ):
+    runs = suite in options.suites or (suite == "validity" and "judge" in options.suites)
+    if runs:
+      start = time.perf_counter()
+      rows += fn()
+      _progress(f"{suite}: done in {time.perf_counter() - start:.0f} s")
+  return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+  """A markdown table of the rows."""
+  lines = [
+    "| suite | setting | metric | value | n | tokens/forward | tokens/s |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    setting = r.get("settings")
+    if setting is None:
+      setting = ", ".join(f"{k}={r[k]}" for k in ("corpus", "kind", "alpha") if k in r)
+    else:
+      setting = ", ".join(f"{k}={v}" for k, v in setting.items()) or "token by token"
+    tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else ""
+    tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""
+    lines.append(
+      f"| {r['suite']} | {setting} | {r['metric']} | {r['value']:.4g} +- {r['stderr']:.2g} "
+      f"| {r['n']} | {tpf} | {tps} |"
+    )
+  return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Validity suite: complete held-out functions from their signature and docstring.
+
+Prompts: top-level functions (`def`, with a docstring and a body after it) of the
+validation split, in file order; the prompt is the `def` line through the docstring's
+last line plus a newline, the reference is the rest of the function.
+
+Trimming rule: a completion is cut after its last complete line (a line cut by the
+token limit is dropped, unless the completion ended with EOS) and at its first
+non-blank line indented less than the body (the function has ended there).
+Per prompt:
+* parses: the prompt + the trimmed completion (+ a `pass` line at the body's indent,
+  so that an open block still parses) is valid Python, and the trimmed completion
+  has a non-blank line;
+* exact: the trimmed completion ended (a dedent or EOS) and equals the reference
+  (trailing whitespace and blank lines ignored);
+* similarity: difflib's ratio between the trimmed completion and as many of the
+  reference's first lines as the completion has (a completion stopped by the token
+  limit is compared with as much of the body).
+Each is averaged over the prompts with its standard error.
+"""
+
+import ast
+import dataclasses
+import difflib
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionPrompt:
+  prompt: str  # `def` line .. docstring, newline-terminated
+  reference: str  # the rest of the function's lines
+  indent: str  # the body's indentation
+
+
+def function_prompts(
+  texts: Iterable[str], count: int, max_chars: int = 600
+) -> list[FunctionPrompt]:
+  """Up to `count` prompts (see the module docstring), prompts of at most `max_chars`."""
+  found = []
+  for text in texts:
+    try:
+      tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+      continue
+    lines = text.splitlines(keepends=True)
+    for node in tree.body:
+      if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      if ast.get_docstring(node) is None or len(node.body) < 2:
+        continue
+      doc_end = node.body[0].end_lineno  # 1-based, inclusive
+      prompt = "".join(lines[node.lineno - 1 : doc_end])
+      reference = "".join(lines[doc_end : node.end_lineno])
+      first = node.body[1]
+      indent = lines[first.lineno - 1][: first.col_offset]
+      if len(prompt) > max_chars or not reference.strip() or not prompt.endswith("\n"):
+        continue
+      found.append(FunctionPrompt(prompt, reference, indent))
+      if len(found) == count:
+        return found
+  return found
+
+
+def trim(completion: str, indent: str, ended: bool) -> tuple[str, bool]:
+  """(the completion cut by the module's rule, whether the function ended in it)."""
+  if not ended:
+    completion = completion[: completion.rfind("\n") + 1]
+  kept = []
+  for line in completion.splitlines(keepends=True):
+    if line.strip() and not line.startswith(indent):
+      return "".join(kept), True
+    kept.append(line)
+  return "".join(kept), ended
+
+
+def _normal(text: str) -> list[str]:
+  return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+def score(item: FunctionPrompt, completion: str, ended: bool) -> dict[str, float]:
+  """parses / exact / similarity of one completion (see the module docstring)."""
+  body, finished = trim(completion, item.indent, ended)
+  try:
+    ast.parse(item.prompt + body + item.indent + "pass\n")
+    parses = bool(body.strip())
+  except (SyntaxError, ValueError):
+    parses = False
+  got, want = _normal(body), _normal(item.reference)
+  exact = finished and got == want
+  similarity = difflib.SequenceMatcher(None, "\n".join(got), "\n".join(want[: len(got)])).ratio()
+  return {"parses": float(parses), "exact": float(exact), "similarity": similarity if got else 0.0}
+
+
+def summarise(scores: Sequence[dict[str, float]]) -> dict[str, tuple[float, float]]:
+  """metric -> (mean, standard error) over the prompts."""
+  out = {}
+  for name in ("parses", "exact", "similarity"):
+    values = np.array([s[name] for s in scores], np.float64)
+    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    out[name] = (float(values.mean()), float(se))
+  return out

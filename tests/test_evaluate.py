@@ -1,0 +1,182 @@
+"""The evaluation suites (`python -m sdiff_jax.evaluate`): scoring rules by hand, the CLI
+end to end on tiny models."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from sdiff_jax import train
+from sdiff_jax.evaluate import completions, judge, repair, validity
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SOURCE = '''import os
+
+
+def area(w, h):
+    """Area of a rectangle.
+
+    Multiplies.
+    """
+    result = w * h
+    return result
+
+
+def no_doc(x):
+    return x
+
+
+class A:
+    def method(self):
+        """Not top level."""
+        return 1
+'''
+
+
+def test_function_prompts_cut_after_the_docstring():
+  (item,) = validity.function_prompts([SOURCE, "def broken(:\n"], count=5)
+  assert item.prompt.startswith("def area(w, h):\n") and item.prompt.endswith('    """\n')
+  assert item.reference == "    result = w * h\n    return result\n"
+  assert item.indent == "    "
+
+
+def test_validity_trimming_and_scores():
+  (item,) = validity.function_prompts([SOURCE], count=1)
+  exact = validity.score(item, "    result = w * h\n    return result\n\ndef next_one():\n", False)
+  assert exact == {"parses": 1.0, "exact": 1.0, "similarity": 1.0}
+  # stopped by the token limit: the cut line is dropped, no exact match, similarity against
+  # as many reference lines as the completion has
+  partial = validity.score(item, "    result = w * h\n    retu", False)
+  assert partial["parses"] == 1.0 and partial["exact"] == 0.0 and partial["similarity"] == 1.0
+  # ended with EOS: the last line counts even without a newline
+  assert validity.score(item, "    result = w * h\n    return result", True)["exact"] == 1.0
+  bad = validity.score(item, "    return (\n    x = ]\n", False)
+  assert bad["parses"] == 0.0 and bad["exact"] == 0.0 and 0.0 < bad["similarity"] < 1.0
+  assert validity.score(item, "\n\n", False) == {"parses": 0.0, "exact": 0.0, "similarity": 0.0}
+  summary = validity.summarise([exact, partial, bad])
+  assert summary["parses"][0] == pytest.approx(2 / 3)
+  assert summary["parses"][1] == pytest.approx(np.std([1, 1, 0], ddof=1) / math.sqrt(3))
+
+
+def test_repair_metrics_by_hand():
+  x0 = np.array([[5, 6, 7, 8, 9, 10, 11, 12]])
+  x_t = np.array([[5, 6, 99, 8, 9, 10, 11, 98]])  # corrupted at 2 and 7
+  scored = np.ones_like(x0, bool)
+  perfect = repair.metrics(x0, x_t, x0, scored, snippet=4)
+  assert perfect["restored"][0] == 1.0 and perfect["damaged"][0] == 0.0
+  assert perfect["exact"][0] == 1.0 and perfect["snippets"][0] == 2
+  copy = repair.metrics(x0, x_t, x_t, scored, snippet=4)  # predicts its input: repairs nothing
+  assert copy["restored"][0] == 0.0 and copy["damaged"][0] == 0.0 and copy["exact"][0] == 0.0
+  half = x0.copy()
+  half[0, 7] = 98  # repairs position 2, misses 7, and breaks clean position 0
+  half[0, 0] = 4
+  m = repair.metrics(x0, x_t, half, scored, snippet=4)
+  assert m["restored"][0] == 0.5 and m["damaged"][0] == pytest.approx(1 / 6)
+  assert m["exact"][0] == 0.0 and m["corrupted_fraction"][0] == 0.25
+
+
+def test_unigram_entropy_and_grid():
+  assert judge.unigram_entropy([1, 1, 2, 2]) == 1.0
+  assert judge.unigram_entropy([3, 3, 3]) == 0.0 and judge.unigram_entropy([]) == 0.0
+  grid = completions.settings_grid(
+    "bidirectional", steps_per_block=[1, 4], threshold=[], cache_mode=["fold"]
+  )
+  assert grid == [
+    {"steps_per_block": 1, "cache_mode": "fold"},
+    {"steps_per_block": 4, "cache_mode": "fold"},
+  ]
+  assert completions.settings_grid("causal", steps_per_block=[1, 4]) == [{}]
+
+
+def _train(directory, corpus, attention):
+  config = tiny_config(
+    corpus, attention=attention, num_steps=2, checkpoint_every=2, eval_every=2, eval_batches=1
+  )
+  config.curriculum.edit_start_fraction = 1.0
+  train.train_and_evaluate(config, str(directory))
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory, code_corpus_dir):
+  root = tmp_path_factory.mktemp("evaluate")
+  return {mode: _train(root / mode, code_corpus_dir, mode) for mode in ("bidirectional", "causal")}
+
+
+def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
+  out = tmp_path / "eval.json"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sdiff_jax.evaluate",
+      f"--workdir={workdirs['bidirectional']}",
+      "--suites=nelbo,validity,repair,judge",
+      f"--judge_workdir={workdirs['causal']}",
+      "--steps_per_block=1,4",
+      "--num_prompts=4",
+      "--batch_size=2",
+      "--heldout_rows=4",
+      "--max_new_tokens=16",
+      f"--json={out}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| validity | steps_per_block=4 | parses |" in result.stdout
+  rows = json.loads(out.read_text())["rows"]
+  by = {(r["suite"], r["metric"], json.dumps(r.get("settings"))): r for r in rows}
+  assert {r["suite"] for r in rows} == {"nelbo", "validity", "repair", "judge"}
+  for r in rows:
+    assert r["n"] > 0 and np.isfinite(r["value"]) and "stderr" in r
+  assert 0 < by[("nelbo", "bits_elbo", "null")]["value"] < 12
+  for steps in (1, 4):
+    setting = json.dumps({"steps_per_block": steps})
+    assert 0 <= by[("validity", "parses", setting)]["value"] <= 1
+    judged = by[("judge", "gen_ppl", setting)]
+    bits = by[("judge", "judge_bits", setting)]["value"]
+    assert judged["value"] == pytest.approx(2**bits, rel=1e-6) and judged["n"] == 4
+  # 16 tokens in one 16-token block: 4 steps commit 4 tokens a forward, 1 step all 16
+  one = by[("validity", "parses", json.dumps({"steps_per_block": 1}))]["tokens_per_forward"]
+  four = by[("validity", "parses", json.dumps({"steps_per_block": 4}))]["tokens_per_forward"]
+  assert one > four > 1
+  assert {r["kind"] for r in rows if r["suite"] == "repair"} == {"edit", "substitution"}
+
+
+def test_cli_errors_are_clear(workdirs, tmp_path):
+  def run(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "sdiff_jax.evaluate", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  bad = run(f"--workdir={workdirs['causal']}", "--suites=nelbo,speling")
+  assert bad.returncode != 0 and "unknown suites ['speling']" in bad.stderr
+  nojudge = run(f"--workdir={workdirs['causal']}", "--suites=judge")
+  assert nojudge.returncode != 0 and "judge_workdir" in nojudge.stderr
+  missing = run(f"--workdir={tmp_path / 'nothing'}", "--suites=nelbo")
+  assert missing.returncode != 0 and "missing or empty" in missing.stderr
+
+
+def test_canonical_humaneval_solutions_pass_through_the_cli():
+  result = subprocess.run(
+    [sys.executable, "-m", "sdiff_jax.evaluate", "--canonical", "--humaneval_timeout_s=20"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| humaneval |  | canonical_pass | 1 +- 0 | 164 |" in result.stdout
