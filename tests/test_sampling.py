@@ -65,6 +65,16 @@ CONFIDENCES = [0.9, 0.3, 0.6, 0.2, 0.5, 0.8, 0.4, 0.7]
 SPEC = {g + 1: (4 + g, c) for g, c in enumerate(CONFIDENCES)}
 
 
+def test_left_pad_to_a_fixed_length():
+  prompt_BxP, lens_B = sampling.left_pad([[BOS, 5], [BOS]], length=4)
+  np.testing.assert_array_equal(
+    prompt_BxP, [[sampling.PAD] * 2 + [BOS, 5], [sampling.PAD] * 3 + [BOS]]
+  )
+  np.testing.assert_array_equal(lens_B, [2, 1])
+  with pytest.raises(ValueError, match="more than length=1"):
+    sampling.left_pad([[BOS, 5]], length=1)
+
+
 def test_fixed_count_commits_most_confident_first():
   g = _run(SPEC, Settings(max_new_tokens=8, block_size=4, steps_per_block=2))
   np.testing.assert_array_equal(g.tokens[0], 4 + np.arange(8))
