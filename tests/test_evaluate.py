@@ -12,7 +12,8 @@ import pytest
 
 from helpers import tiny_config
 from sdiff_jax import train
-from sdiff_jax.evaluate import completions, judge, repair, validity
+from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.evaluate import completions, infill, judge, repair, validity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +63,18 @@ def test_validity_trimming_and_scores():
   summary = validity.summarise([exact, partial, bad])
   assert summary["parses"][0] == pytest.approx(2 / 3)
   assert summary["parses"][1] == pytest.approx(np.std([1, 1, 0], ddof=1) / math.sqrt(3))
+
+
+@pytest.mark.parametrize("kind", infill.KINDS)
+def test_infill_spans_cut_the_function_into_three(kind):
+  items = validity.function_prompts([SOURCE.replace("area", f"area{i}") for i in range(5)], 5)
+  spans = infill.make_spans(items, kind, tokenizer_lib.ByteTokenizer(), seed=1)
+  assert len(spans) == 5
+  for item, sp in zip(items, spans):
+    assert sp.before + sp.span + sp.after == item.prompt + item.reference
+    assert sp.span.strip() and sp.before.startswith(item.prompt)
+    if kind == "line":
+      assert "\n" not in sp.span and sp.after.startswith("\n")
 
 
 def test_repair_metrics_by_hand():
@@ -117,7 +130,7 @@ def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
       "-m",
       "sdiff_jax.evaluate",
       f"--workdir={workdirs['bidirectional']}",
-      "--suites=nelbo,validity,repair,judge",
+      "--suites=nelbo,validity,repair,infill,judge",
       f"--judge_workdir={workdirs['causal']}",
       "--steps_per_block=1,4",
       "--num_prompts=4",
@@ -135,7 +148,7 @@ def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
   assert "| validity | steps_per_block=4 | parses |" in result.stdout
   rows = json.loads(out.read_text())["rows"]
   by = {(r["suite"], r["metric"], json.dumps(r.get("settings"))): r for r in rows}
-  assert {r["suite"] for r in rows} == {"nelbo", "validity", "repair", "judge"}
+  assert {r["suite"] for r in rows} == {"nelbo", "validity", "repair", "infill", "judge"}
   for r in rows:
     assert r["n"] > 0 and np.isfinite(r["value"]) and "stderr" in r
   assert 0 < by[("nelbo", "bits_elbo", "null")]["value"] < 12
@@ -150,6 +163,10 @@ def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
   four = by[("validity", "parses", json.dumps({"steps_per_block": 4}))]["tokens_per_forward"]
   assert one > four > 1
   assert {r["kind"] for r in rows if r["suite"] == "repair"} == {"edit", "substitution"}
+  # the tiny corpus's functions have one-line bodies: no "lines" spans
+  assert {(r["kind"], r["steps"]) for r in rows if r["suite"] == "infill"} == {
+    (kind, steps) for kind in ("line", "random") for steps in (1, 4)
+  }
 
 
 def test_cli_errors_are_clear(workdirs, tmp_path):

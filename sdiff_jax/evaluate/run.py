@@ -2,11 +2,12 @@
 sdiff_jax.evaluate` prints and saves them).
 
 Suites: nelbo (held-out bits/token and the unigram baseline, `nelbo.py`), validity
-(`validity.py`), repair (`repair.py`), judge (`judge.py`), humaneval (`humaneval.py`
-through `sandbox.py`). Suites that decode (validity, judge, humaneval) run once per
-sampler setting of the grid (`completions.settings_grid`), and their rows carry the
-setting with its tokens per forward and tokens/s: quality against speed, one curve per
-setting. Every row has its value, standard error and sample count.
+(`validity.py`), repair (`repair.py`), infill (`infill.py`), judge (`judge.py`), humaneval
+(`humaneval.py` through `sandbox.py`). Suites that decode (validity, judge, humaneval) run
+once per sampler setting of the grid (`completions.settings_grid`), and their rows carry
+the setting with its tokens per forward and tokens/s: quality against speed, one curve per
+setting; infill runs once per steps_per_block value (denoising forwards per span). Every
+row has its value, standard error and sample count.
 """
 
 import dataclasses
@@ -20,10 +21,10 @@ import ml_collections
 
 from sdiff_jax import checkpointing, inference
 from sdiff_jax.data import pipeline
-from sdiff_jax.evaluate import completions, judge, nelbo, repair, validity
+from sdiff_jax.evaluate import completions, infill, judge, nelbo, repair, validity
 from sdiff_jax.objective import Objective
 
-SUITES = ("nelbo", "validity", "repair", "judge", "humaneval")
+SUITES = ("nelbo", "validity", "repair", "infill", "judge", "humaneval")
 HUMANEVAL_DEFAULTS = {
   "samples": 1,  # n per problem (pass@10 needs n >= 10)
   "temperature": 0.8,  # when samples > 1
@@ -48,6 +49,7 @@ class Options:
   )
   repair_alpha: float = 0.05
   repair_kinds: Sequence[str] = ("edit", "substitution")
+  infill_kinds: Sequence[str] = infill.KINDS
   judge_workdir: str | None = None
   humaneval: dict[str, Any] = dataclasses.field(default_factory=dict)  # HUMANEVAL_DEFAULTS keys
   seed: int = 0
@@ -105,6 +107,36 @@ def _repair_rows(loaded, objective, o: Options) -> list[dict]:
       f"repair [{kind}, alpha {o.repair_alpha}]: restored {result['restored'][0]:.3f}, "
       f"damaged {result['damaged'][0]:.3f}, exact {result['exact'][0]:.3f} of {n} snippets"
     )
+  return rows
+
+
+def _infill_rows(loaded, objective, o: Options) -> list[dict]:
+  """exact / parses per span kind and denoising steps (the grid's steps_per_block)."""
+  if objective.mode == "causal":
+    _progress("infill: skipped (a causal model cannot see the suffix)")
+    return []
+  texts = pipeline.load_texts(loaded.config.data, "validation")
+  items = validity.function_prompts(texts, o.num_prompts)
+  rows = []
+  for kind in o.infill_kinds:
+    spans = infill.make_spans(items, kind, loaded.tokenizer, seed=o.seed)
+    if not spans:
+      _progress(f"infill [{kind}]: no held-out function is long enough")
+      continue
+    for steps in o.grid.get("steps_per_block") or (1,):
+      result = infill.infill(
+        objective, loaded.params, loaded.tokenizer, spans, steps, loaded.config.data.seq_len
+      )
+      n = int(result.pop("items")[0])
+      tpf = result.pop("tokens_per_forward")[0]
+      for metric, value_se in result.items():
+        rows.append(
+          _row("infill", metric, value_se, n, kind=kind, steps=steps, tokens_per_forward=tpf)
+        )
+      _progress(
+        f"infill [{kind}, {steps} steps]: exact {result['exact'][0]:.3f}, "
+        f"parses {result['parses'][0]:.3f} over {n} spans, {tpf:.2f} tokens/forward"
+      )
   return rows
 
 
@@ -244,6 +276,7 @@ def evaluate(workdir: str, options: Options, step: int | None = None) -> list[di
   for suite, fn in (
     ("nelbo", lambda: _nelbo_rows(loaded, objective, options)),
     ("repair", lambda: _repair_rows(loaded, objective, options)),
+    ("infill", lambda: _infill_rows(loaded, objective, options)),
     ("validity", lambda: _decoding_rows(loaded, options)),
     ("humaneval", lambda: _humaneval_rows(loaded, options, workdir, step)),
   ):
@@ -264,7 +297,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
   for r in rows:
     setting = r.get("settings")
     if setting is None:
-      setting = ", ".join(f"{k}={r[k]}" for k in ("corpus", "kind", "alpha") if k in r)
+      setting = ", ".join(f"{k}={r[k]}" for k in ("corpus", "kind", "alpha", "steps") if k in r)
     else:
       setting = ", ".join(f"{k}={v}" for k, v in setting.items()) or "token by token"
     tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else ""
