@@ -37,6 +37,8 @@ def get_config(attention: str = "bidirectional"):
   # of the steps train the same parameters as an AR model (next-token loss), the rest as
   # a diffusion model whose output at i-1 predicts token i (the AR model's alignment).
   c.diffusion.shift = attention == "bidirectional"
+  # ... and whose output at i-1 also reads position i's final state (the token it may keep)
+  c.model.read_next = attention == "bidirectional"
   c.curriculum.ar_fraction = 0.5 if attention == "bidirectional" else 0.0
   # The edit term (last 20%) at a quarter weight: with the shifted prediction, restoring a
   # clean token means reading its right neighbour, which 80 steps do not teach (edit bits

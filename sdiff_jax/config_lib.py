@@ -55,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = ""  # "" (XLA), "cudnn" (fused, NVIDIA GPUs), "chunked" (O(T) memory)
   c.model.attention_chunk = 512  # queries per chunk when attention_impl="chunked"
   c.model.scan_layers = True  # one nn.scan over the layers (decoding unrolls them itself)
+  # bidirectional + diffusion.shift: output t also reads position t + 1's final state (the
+  # target's own input), so keeping or correcting a visible token is learnable at once
+  c.model.read_next = False
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.block_size = 32  # block length of block_causal training; sampling's default
@@ -290,6 +293,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "curriculum.ar_fraction",
       cur.ar_fraction,
       f"must be in [0, edit_start_fraction={cur.edit_start_fraction}]",
+    )
+  if config.model.read_next and not (
+    config.attention == "bidirectional" and config.diffusion.shift
+  ):
+    _fail(
+      "model.read_next",
+      True,
+      "needs attention='bidirectional' and diffusion.shift=True (elsewhere position t + 1 "
+      "holds the token that output t predicts)",
     )
   if cur.ar_fraction and config.attention == "bidirectional" and not config.diffusion.shift:
     _fail(

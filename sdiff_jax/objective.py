@@ -16,7 +16,11 @@ With `diffusion.shift` (bidirectional models), the output at position i-1 predic
 token at i, as in an AR model (Dream, DiffuCoder keep it when they adapt one): a
 masked token then reads its left neighbour's identity from that position's residual
 stream instead of having to learn attention to it. A document chunk's first token
-has no left neighbour in the row: it is never masked nor scored.
+has no left neighbour in the row: it is never masked nor scored. With `model.read_next`
+the output at i-1 also reads position i's final state (zero-initialised), so keeping or
+correcting the visible token at i, which the edit term asks of every position, does
+not have to be learned as attention to the right neighbour; the "ar" stage leaves the
+term out (under its causal mask position i holds the target).
 
 Losses and metrics are in bits per token. Shapes: B rows, L tokens per row.
 """
@@ -84,7 +88,7 @@ class Objective:
     """The model under a causal mask: output i predicts token i + 1 (the "ar" stage)."""
     mask = training_mask("causal", batch["segment_ids"], self.config.diffusion.block_size)
     logits_BxLxV, _ = self.model.apply(
-      {"params": params}, batch["tokens"], batch["positions"], mask
+      {"params": params}, batch["tokens"], batch["positions"], mask, read_next=False
     )
     return logits_BxLxV
 

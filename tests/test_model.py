@@ -1,5 +1,6 @@
 """Denoiser: shapes, dtypes, what each attention mode may see, KV cache exactness."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +202,23 @@ def test_unrolled_layers_equal_the_scan(params):
       apply({"params": p}, tokens[:, L - 1 :], pos[:, L - 1 :], causal[:, L - 1 :], cache, L - 1)[0]
     )
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_read_next_reads_position_t_plus_1_only_when_asked():
+  cfg = ModelConfig(**{**CFG.__dict__, "read_next": True})
+  model = Transformer(cfg)
+  tokens, seg, pos = _inputs(jax.random.key(3))
+  mask = training_mask("causal", seg, BLOCK)
+  params = nn.meta.unbox(model.init(jax.random.key(1), tokens, pos, mask)["params"])
+  base = Transformer(CFG).apply({"params": params}, tokens, pos, mask)[0]
+  # zero at init: the same outputs as the model without the term
+  np.testing.assert_allclose(model.apply({"params": params}, tokens, pos, mask)[0], base, atol=1e-6)
+  kernel = jax.random.normal(jax.random.key(2), params["read_next"]["kernel"].shape)
+  params = {**params, "read_next": {"kernel": kernel}}
+  changed = tokens.at[:, 5].set((tokens[:, 5] + 1 - 4) % (CFG.vocab_size - 4) + 4)
+  for read_next, differs in ((False, False), (True, True)):
+    run = lambda t: model.apply({"params": params}, t, pos, mask, read_next=read_next)[0]  # noqa: E731
+    out, out_changed = run(tokens), run(changed)
+    # causal mask: outputs before the change see it only through the read_next term at t = 4
+    np.testing.assert_allclose(out[:, :4], out_changed[:, :4], atol=1e-5)
+    assert bool(jnp.any(jnp.abs(out[:, 4] - out_changed[:, 4]) > 1e-3)) == differs

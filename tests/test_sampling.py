@@ -163,9 +163,9 @@ def params():
   return {**params, "unembed": {"kernel": kernel}}
 
 
-def _generate(params, prompts, settings, key=0):
+def _generate(params, prompts, settings, key=0, decoder=DECODER):
   prompt_BxP, lens_B = sampling.left_pad(prompts)
-  return sampling.generate(DECODER, params, prompt_BxP, lens_B, jax.random.key(key), settings)
+  return sampling.generate(decoder, params, prompt_BxP, lens_B, jax.random.key(key), settings)
 
 
 def _reference_block_causal(params, prompt, s: Settings):
@@ -487,7 +487,7 @@ def test_fold_costs_no_extra_forward():
 REFERENCE_LENGTH = 128  # the uncached reference's input, padded: one compilation
 
 
-def _reference_bidirectional(params, prompt, s: Settings):
+def _reference_bidirectional(params, prompt, s: Settings, apply=APPLY):
   """Greedy; no cache: every forward recomputes the prompt and the finished blocks from their
   tokens. The prompt and each finished block see themselves and the blocks before them (with
   `suffix_mask` also their own tail: MASK from their end to max_new_tokens); the block being
@@ -525,7 +525,7 @@ def _reference_bidirectional(params, prompt, s: Settings):
         (group_L[None, :] < group_L[:, None]) & ~tail_L[None, :]
       )
       mask_LxL &= (group_L[None, :] >= 0) | np.eye(REFERENCE_LENGTH, dtype=bool)
-      logits, _ = APPLY(
+      logits, _ = apply(
         {"params": params},
         jnp.asarray([tokens + [PAD] * (REFERENCE_LENGTH - length)], jnp.int32),
         jnp.asarray([positions + [0] * (REFERENCE_LENGTH - length)]),
@@ -576,6 +576,32 @@ def test_fold_and_recompute_equal_the_uncached_reference(params, suffix_mask, sh
   if not shift:  # the old approximation reads MASK where its last steps committed: other tokens
     old = _generate(params, PROMPTS, dataclasses.replace(settings, cache_mode="last_forward"))
     assert not np.array_equal(old.tokens, fold.tokens)
+
+
+CFG_NEXT = dataclasses.replace(CFG, read_next=True)
+
+
+def test_read_next_model_fold_and_recompute_equal_the_uncached_reference(params):
+  """model.read_next: output t also reads position t + 1's final state, which every
+  denoising forward holds (shift puts the token before the block first)."""
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  init = Transformer(CFG_NEXT).init(jax.random.key(0), tokens, tokens, jnp.ones((1, 4, 4), bool))
+  read_next = nn.meta.unbox(init["params"])["read_next"]
+  kernel = 0.5 * jax.random.normal(jax.random.key(2), read_next["kernel"].shape)
+  params_next = {**params, "read_next": {"kernel": kernel}}
+  settings = dataclasses.replace(REFERENCE_SETTINGS, shift=True)
+  decoder = sampling.Decoder(CFG_NEXT)
+  fold = _generate(params_next, PROMPTS, settings, decoder=decoder)
+  recompute = _generate(
+    params_next, PROMPTS, dataclasses.replace(settings, cache_mode="recompute"), decoder=decoder
+  )
+  apply = jax.jit(Transformer(CFG_NEXT).apply)
+  for row, prompt in enumerate(PROMPTS):
+    want, _ = _reference_bidirectional(params_next, prompt, settings, apply=apply)
+    np.testing.assert_array_equal(fold.tokens[row], want)
+    np.testing.assert_array_equal(recompute.tokens[row], want)
+  # the term matters: without it the same weights decode other tokens
+  assert not np.array_equal(fold.tokens, _generate(params, PROMPTS, settings).tokens)
 
 
 def test_fold_equals_recompute_when_sampling_and_self_correcting(params):

@@ -33,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("curriculum.edit_start_fraction", 1.5, "curriculum.edit_start_fraction"),
     ("data.packing", "zip", "data.packing"),
     ("mesh.fsdp", 0, "mesh.fsdp"),
+    ("model.read_next", True, "needs attention='bidirectional' and diffusion.shift"),
   ],
 )
 def test_bad_config_values_are_named(field, value, message, code_corpus_dir):

@@ -9,12 +9,13 @@ from the same initialisation seed; at each of `--eval_steps` its held-out bits/t
 (`evaluate.nelbo`: ELBO for diffusion models, NLL for AR, with a standard error over
 a fixed, shuffled set of validation rows) is recorded against steps and training
 tokens seen, beside the unigram baseline on the same rows. A mode is an attention
-mode with optional `+` variants (the base config's shift, AR stage and loss weighting are reset, so a
-mode names them all): `shift` (diffusion.shift=True), `ar=F`
+mode with optional `+` variants (the base config's shift, AR stage, loss weighting and
+read_next are reset, so a mode names them all): `shift` (diffusion.shift=True), `ar=F`
 (curriculum.ar_fraction=F: the first F of the steps train the next-token loss on the
 same parameters, i.e. an AR model adapted to diffusion within the step budget), `mean`
 (diffusion.loss_weighting="masked_mean": train on the masked tokens' mean NLL; the
-held-out bits stay the ELBO).
+held-out bits stay the ELBO), `next` (model.read_next=True: output t also reads position
+t + 1's final state, with shift the target's own input).
 Writes JSON rows and, with matplotlib installed, a PNG of both curves.
 """
 
@@ -58,6 +59,7 @@ def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.Co
   # a mode says all of these
   config.diffusion.shift, config.curriculum.ar_fraction = False, 0.0
   config.diffusion.loss_weighting = "elbo"
+  config.model.read_next = False
   for variant in variants:
     name, _, value = variant.partition("=")
     if name == "shift":
@@ -67,8 +69,12 @@ def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.Co
       config.curriculum.ar_fraction = float(value)
     elif name == "mean":
       config.diffusion.loss_weighting = "masked_mean"
+    elif name == "next":
+      config.model.read_next = True
     else:
-      raise ValueError(f"mode {mode!r}: unknown variant {variant!r} (valid: shift, ar=F, mean)")
+      raise ValueError(
+        f"mode {mode!r}: unknown variant {variant!r} (valid: shift, ar=F, mean, next)"
+      )
   config_lib.validate(config)
   return config
 
@@ -102,12 +108,19 @@ def train_mode(
           "heldout_rows": bits.rows,
           "repeats": bits.repeats,
           "train_loss": float(metrics["loss"]),
+          "train_metrics": {k: float(v) for k, v in metrics.items()},
           "seconds": time.perf_counter() - start,
         }
       )
       print(
         f"{mode:>28} step {step + 1:>5} [{stage}]: held-out {bits} bits/token "
-        f"({time.perf_counter() - start:.0f} s)",
+        + (
+          f"(train edit bits {float(metrics['edit_bits']):.3f}, copy baseline "
+          f"{float(metrics['edit_copy_bits']):.3f}) "
+          if "edit_bits" in metrics
+          else ""
+        )
+        + f"({time.perf_counter() - start:.0f} s)",
         flush=True,
       )
   return rows

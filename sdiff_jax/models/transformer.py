@@ -48,6 +48,10 @@ class ModelConfig:
   attention_impl: str = ""  # one of ATTENTION_IMPLS
   attention_chunk: int = 512  # queries per chunk of the "chunked" attention
   scan_layers: bool = True  # False: unrolled layers, for decoding (see Transformer)
+  # The output at position t also reads the final state of position t + 1 (a d x d map,
+  # zero at init): with diffusion.shift, where output t predicts token t + 1, that is the
+  # target position's own input, so keeping a clean token is a linear read (see objective.py)
+  read_next: bool = False
 
   @property
   def compute_dtype(self) -> Any:
@@ -233,7 +237,11 @@ class Transformer(nn.Module):
     mask_BxTxS: jax.Array,
     cache: KVCache | None = None,
     cache_index: jax.Array | None = None,
+    read_next: bool = True,
   ) -> tuple[jax.Array, KVCache | None]:
+    """Logits [B, T, V] and the updated cache. `read_next=False` leaves out the
+    `cfg.read_next` term (next-token training under a causal mask, where position t + 1
+    holds the target)."""
     cfg = self.cfg
     embed = nn.Embed(
       cfg.vocab_size,
@@ -274,6 +282,17 @@ class Transformer(nn.Module):
         if cache is not None:
           new_cache.append(layer_cache)
     x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
+    if cfg.read_next:
+      next_BxTxD = jnp.concatenate([x_BxTxD[:, 1:], jnp.zeros_like(x_BxTxD[:, :1])], axis=1)
+      mixed_BxTxD = nn.Dense(
+        cfg.d_model,
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "mlp")),
+        name="read_next",
+      )(next_BxTxD)
+      if read_next:  # the parameter exists either way: one parameter tree
+        x_BxTxD = x_BxTxD + mixed_BxTxD
     if cfg.tie_embeddings:  # logits start with std ~1
       logits_BxTxV = embed.attend(x_BxTxD) / jnp.sqrt(cfg.d_model).astype(x_BxTxD.dtype)
     else:  # logits start with std ~ d_model**-0.5: near-uniform predictions
