@@ -42,24 +42,29 @@ class A:
 
 def test_function_prompts_cut_after_the_docstring():
   (item,) = validity.function_prompts([SOURCE, "def broken(:\n"], count=5)
-  assert item.prompt.startswith("def area(w, h):\n") and item.prompt.endswith('    """\n')
+  assert item.prompt.startswith("def area(w, h):\n") and item.prompt.endswith('    """')
   assert item.reference == "    result = w * h\n    return result\n"
   assert item.indent == "    "
 
 
 def test_validity_trimming_and_scores():
   (item,) = validity.function_prompts([SOURCE], count=1)
-  exact = validity.score(item, "    result = w * h\n    return result\n\ndef next_one():\n", False)
+  # the completion's first line ends the prompt's last line (the docstring's quotes)
+  body = "\n    result = w * h\n    return result\n"
+  exact = validity.score(item, body + "\ndef next_one():\n", False)
   assert exact == {"parses": 1.0, "exact": 1.0, "similarity": 1.0}
+  assert validity.score(item, "  # note" + body + "\nx = 1\n", False)["exact"] == 0.0
   # stopped by the token limit: the cut line is dropped, no exact match, similarity against
   # as many reference lines as the completion has
-  partial = validity.score(item, "    result = w * h\n    retu", False)
+  partial = validity.score(item, "\n    result = w * h\n    retu", False)
   assert partial["parses"] == 1.0 and partial["exact"] == 0.0 and partial["similarity"] == 1.0
   # ended with EOS: the last line counts even without a newline
-  assert validity.score(item, "    result = w * h\n    return result", True)["exact"] == 1.0
-  bad = validity.score(item, "    return (\n    x = ]\n", False)
+  assert validity.score(item, "\n    result = w * h\n    return result", True)["exact"] == 1.0
+  bad = validity.score(item, "\n    return (\n    x = ]\n", False)
   assert bad["parses"] == 0.0 and bad["exact"] == 0.0 and 0.0 < bad["similarity"] < 1.0
-  assert validity.score(item, "\n\n", False) == {"parses": 0.0, "exact": 0.0, "similarity": 0.0}
+  empty = {"parses": 0.0, "exact": 0.0, "similarity": 0.0}
+  assert validity.score(item, "\n\n", False) == empty
+  assert validity.score(item, "    result = w * h", True) == empty  # never left the line
   summary = validity.summarise([exact, partial, bad])
   assert summary["parses"][0] == pytest.approx(2 / 3)
   assert summary["parses"][1] == pytest.approx(np.std([1, 1, 0], ddof=1) / math.sqrt(3))
@@ -71,7 +76,7 @@ def test_infill_spans_cut_the_function_into_three(kind):
   spans = infill.make_spans(items, kind, tokenizer_lib.ByteTokenizer(), seed=1)
   assert len(spans) == 5
   for item, sp in zip(items, spans):
-    assert sp.before + sp.span + sp.after == item.prompt + item.reference
+    assert sp.before + sp.span + sp.after == item.prompt + "\n" + item.reference
     assert sp.span.strip() and sp.before.startswith(item.prompt)
     if kind == "line":
       assert "\n" not in sp.span and sp.after.startswith("\n")

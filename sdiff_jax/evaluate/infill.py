@@ -58,7 +58,7 @@ def make_spans(
         continue
       length = rng.randint(4, min(16, len(ids) - 2))
       start = rng.randint(0, len(ids) - length)
-      before = item.prompt + tok.decode(ids[:start])
+      before = item.prompt + "\n" + tok.decode(ids[:start])
       spans.append(
         Span(before, tok.decode(ids[start : start + length]), tok.decode(ids[start + length :]))
       )
@@ -74,7 +74,7 @@ def make_spans(
     keep_newline = removed.endswith("\n")  # the newline stays with the suffix
     spans.append(
       Span(
-        item.prompt + "".join(lines[:i]),
+        item.prompt + "\n" + "".join(lines[:i]),
         removed[:-1] if keep_newline else removed,
         ("\n" if keep_newline else "") + "".join(lines[i + count :]),
       )

@@ -197,7 +197,9 @@ def _humaneval_rows(loaded, o: Options, workdir: str, step: int | None) -> list[
   from sdiff_jax.evaluate import humaneval  # pylint: disable=g-import-not-at-top
 
   h = {**HUMANEVAL_DEFAULTS, **o.humaneval}
-  problems = humaneval.load_problems()
+  # prompts without their final newline (see validity.py: a bare newline at the end is a
+  # token boundary a byte-level BPE rarely shows); the program is prompt + completion
+  problems = [dataclasses.replace(p, prompt=p.prompt.rstrip()) for p in humaneval.load_problems()]
   fitting = [p for p in problems if completions.fits(loaded, p.prompt, o.max_new_tokens)]
   rows = []
   for settings in completions.settings_grid(loaded.config.attention, **o.grid):

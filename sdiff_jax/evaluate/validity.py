@@ -2,17 +2,21 @@
 
 Prompts: top-level functions (`def`, with a docstring and a body after it) of the
 validation split, in file order; the prompt is the `def` line through the docstring's
-last line plus a newline, the reference is the rest of the function.
+closing quotes, without the newline after them (a byte-level BPE merges a newline with
+the next line's indentation, so a prompt ending in a bare newline stops at a token
+boundary the model rarely saw: measured on the quickstart AR model trained 2000 steps,
+0 of 32 completions parsed after such prompts, 10 of 32 without the newline). The
+reference is the rest of the function.
 
-Trimming rule: a completion is cut after its last complete line (a line cut by the
-token limit is dropped, unless the completion ended with EOS) and at its first
-non-blank line indented less than the body (the function has ended there).
-Per prompt:
-* parses: the prompt + the trimmed completion (+ a `pass` line at the body's indent,
-  so that an open block still parses) is valid Python, and the trimmed completion
+Trimming rule: the completion's first line is the rest of the prompt's last line; the
+body is what follows it, cut after its last complete line (a line cut by the token
+limit is dropped, unless the completion ended with EOS) and at its first non-blank
+line indented less than the body (the function has ended there). Per prompt:
+* parses: the prompt + the first line + the trimmed body (+ a `pass` line at the
+  body's indent, so that an open block still parses) is valid Python, and the body
   has a non-blank line;
-* exact: the trimmed completion ended (a dedent or EOS) and equals the reference
-  (trailing whitespace and blank lines ignored);
+* exact: the first line is blank, the body ended (a dedent or EOS) and equals the
+  reference (trailing whitespace and blank lines ignored);
 * similarity: difflib's ratio between the trimmed completion and as many of the
   reference's first lines as the completion has (a completion stopped by the token
   limit is compared with as much of the body).
@@ -30,7 +34,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class FunctionPrompt:
-  prompt: str  # `def` line .. docstring, newline-terminated
+  prompt: str  # `def` line .. the docstring's closing quotes (no newline)
   reference: str  # the rest of the function's lines
   indent: str  # the body's indentation
 
@@ -52,11 +56,11 @@ def function_prompts(
       if ast.get_docstring(node) is None or len(node.body) < 2:
         continue
       doc_end = node.body[0].end_lineno  # 1-based, inclusive
-      prompt = "".join(lines[node.lineno - 1 : doc_end])
+      prompt = "".join(lines[node.lineno - 1 : doc_end]).rstrip("\n")
       reference = "".join(lines[doc_end : node.end_lineno])
       first = node.body[1]
       indent = lines[first.lineno - 1][: first.col_offset]
-      if len(prompt) > max_chars or not reference.strip() or not prompt.endswith("\n"):
+      if len(prompt) > max_chars or not reference.strip() or not lines[doc_end - 1].endswith("\n"):
         continue
       found.append(FunctionPrompt(prompt, reference, indent))
       if len(found) == count:
@@ -82,14 +86,15 @@ def _normal(text: str) -> list[str]:
 
 def score(item: FunctionPrompt, completion: str, ended: bool) -> dict[str, float]:
   """parses / exact / similarity of one completion (see the module docstring)."""
-  body, finished = trim(completion, item.indent, ended)
+  first, newline, rest = completion.partition("\n")
+  body, finished = trim(rest, item.indent, ended) if newline else ("", ended)
   try:
-    ast.parse(item.prompt + body + item.indent + "pass\n")
+    ast.parse(item.prompt + first + "\n" + body + item.indent + "pass\n")
     parses = bool(body.strip())
   except (SyntaxError, ValueError):
     parses = False
   got, want = _normal(body), _normal(item.reference)
-  exact = finished and got == want
+  exact = finished and not first.strip() and got == want
   similarity = difflib.SequenceMatcher(None, "\n".join(got), "\n".join(want[: len(got)])).ratio()
   return {"parses": float(parses), "exact": float(exact), "similarity": similarity if got else 0.0}
 
