@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding
 
 from sdiff_jax import checkpointing, config_lib, sampling, sharding
@@ -110,6 +111,12 @@ def encode_prompts(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int) 
   """BOS + tokens of each prompt; a ValueError if a prompt does not fit the model's context."""
   context = loaded.config.data.seq_len
   ids = [[tokenizer_lib.BOS_ID] + loaded.tokenizer.encode(p) for p in prompts]
+  if loaded.tokenizer.kind == "bpe" and any(p[-1:].isspace() for p in prompts):
+    logging.warning(
+      "a prompt ends with whitespace: the BPE merges a newline with the next line's "
+      "indentation, so the model rarely saw a token boundary there; completions are "
+      "usually better from the prompt without it (e.g. 'def f(x):', not 'def f(x):\\n')"
+    )
   for i, row in enumerate(ids):
     if len(row) + max_new_tokens > context:
       raise ValueError(

@@ -32,7 +32,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 _PROMPTS = flags.DEFINE_multi_string(
   "sample_prompts",
-  ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n"],
+  ["def fibonacci(n):", "class Stack:\n    def __init__(self):"],
   "Prompts completed after training; pass --sample_prompts= (empty) to skip sampling.",
 )
 _STEPS_PER_BLOCK = flags.DEFINE_integer(

@@ -315,7 +315,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_kept(tmp_path, code_corpus_dir)
   p = _run_main(tmp_path / "w", args)  # the main job: train, then sample
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
-  assert "----- prompt: 'def fibonacci(n):\\n'" in out and "tokens per forward" in out, out
+  assert "----- prompt: 'def fibonacci(n):'" in out and "tokens per forward" in out, out
   ckpt = tmp_path / "w" / "checkpoints"
   assert sorted(os.listdir(ckpt)) == ["2", "4"]
   for root, _, files in os.walk(ckpt / "4" / "state"):
