@@ -18,14 +18,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 # k, v of shape [n_layers, B, S, KVH, Dh] (scanned layers), or a list of per-layer
 # {k, v} of shape [1, B, S, KVH, Dh] (unrolled layers, see ModelConfig.scan_layers).
 KVCache = dict[str, jax.Array] | list[dict[str, jax.Array]]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# "" / "xla": XLA's attention; "cudnn": the fused kernel (NVIDIA GPUs); "chunked": queries in
-# chunks of `attention_chunk`, O(T) memory on any backend.
+# "" / "xla": XLA's attention; "cudnn": the fused kernel (NVIDIA GPUs; XLA's attention, with a
+# warning, where cuDNN refuses the inputs); "chunked": queries in chunks of `attention_chunk`,
+# O(T) memory on any backend.
 ATTENTION_IMPLS = ("", "xla", "cudnn", "chunked")
 
 
@@ -103,6 +105,26 @@ def apply_rope(x_BxTxHxDh: jax.Array, positions_BxT: jax.Array, theta: float) ->
   return out.astype(x_BxTxHxDh.dtype)
 
 
+_CUDNN_REFUSALS: set[str] = set()  # reasons already logged, so each one is logged once
+
+
+def _cudnn_or_xla(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xTxS):
+  """cuDNN's fused attention, or XLA's where jax refuses cuDNN for these inputs while
+  tracing (no cuDNN on this backend, dtype, head dim, shape): a warning, not a failed job."""
+  try:
+    return jax.nn.dot_product_attention(
+      q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xTxS, implementation="cudnn"
+    )
+  except (NotImplementedError, ValueError, RuntimeError) as e:
+    reason = f"{type(e).__name__}: {e}"
+    if reason not in _CUDNN_REFUSALS:
+      _CUDNN_REFUSALS.add(reason)
+      logging.warning("cuDNN attention refused these inputs (%s): using XLA's attention", reason)
+  return jax.nn.dot_product_attention(
+    q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xTxS, implementation="xla"
+  )
+
+
 def attention(
   q_BxTxHxDh: jax.Array,
   k_BxSxKxDh: jax.Array,
@@ -118,6 +140,8 @@ def attention(
   numbers as XLA's attention on any backend (TPU, CPU) without a fused kernel.
   """
   length = q_BxTxHxDh.shape[1]
+  if impl == "cudnn":
+    return _cudnn_or_xla(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS[:, None])
   if impl != "chunked":
     return jax.nn.dot_product_attention(
       q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxTxS[:, None], implementation=impl or None
