@@ -75,6 +75,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (gamma'/gamma-weighted NLL of the masked tokens per token) or "masked_mean" (the mean
   # NLL of the batch's masked tokens: no 1/t weight, lower variance; MaskGIT, LLaDA's SFT).
   c.diffusion.loss_weighting = "elbo"
+  # Share of the mask term's rows trained as one step of block decoding: a clean prefix, a
+  # block of block_size positions masked at rate gamma_t, nothing after it (the state every
+  # block-sampler forward is in; i.i.d. masking of whole rows almost never produces it)
+  c.diffusion.block_fraction = 0.0
 
   c.curriculum = ml_collections.ConfigDict()
   # Stages: "ar" (next-token loss on the same parameters, causal mask; needs
@@ -311,6 +315,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if cur.ar_fraction and config.attention == "block_causal":
     _fail("curriculum.ar_fraction", cur.ar_fraction, "is for bidirectional models")
+  if not 0.0 <= config.diffusion.block_fraction <= 1.0:
+    _fail("diffusion.block_fraction", config.diffusion.block_fraction, "must be in [0, 1]")
   if not 0.0 < config.diffusion.time_eps < 1.0:
     _fail("diffusion.time_eps", config.diffusion.time_eps, "must be in (0, 1)")
   window = config.diffusion.edit_window

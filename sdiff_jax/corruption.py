@@ -72,6 +72,29 @@ def mask_corrupt(
   return noisy_BxL, is_masked_BxL
 
 
+def block_rows(
+  key: jax.Array, valid_BxL: jax.Array, fraction: float, block: int
+) -> tuple[jax.Array, jax.Array]:
+  """Rows shaped like one step of block decoding: (maskable_BxL, kept_BxL).
+
+  A `fraction` of the rows (drawn per row) becomes [clean prefix ; block of `block`
+  positions ; nothing]: only the block may be masked and scored, and the positions after
+  it leave the row (kept False: the caller drops them from attention and the loss), as
+  the sampler's forward of a block sees the prompt and the finished blocks but nothing
+  after the block. The block starts uniformly in [1, L - block]. Other rows: maskable =
+  valid, everything kept.
+  """
+  rows, length = valid_BxL.shape
+  use_key, cut_key = jax.random.split(key)
+  use_B = jax.random.uniform(use_key, (rows,)) < fraction
+  start_B = jax.random.randint(cut_key, (rows,), 1, max(length - block, 1) + 1)
+  idx_L = jnp.arange(length)
+  inside_BxL = (idx_L >= start_B[:, None]) & (idx_L < start_B[:, None] + block)
+  kept_BxL = ~use_B[:, None] | (idx_L < start_B[:, None] + block)
+  maskable_BxL = valid_BxL & jnp.where(use_B[:, None], inside_BxL, True)
+  return maskable_BxL, kept_BxL
+
+
 class EditOps(NamedTuple):
   """The sampled operations: one slot per window, in the order they were drawn.
 

@@ -110,6 +110,12 @@ class Objective:
     time_key, mask_key, edit_time_key, edit_key = jax.random.split(key, 4)
     d = self.config.diffusion
     valid_BxL = self.scored(batch)
+    edit_batch = batch
+    if d.block_fraction > 0:  # some rows as one block-decoding step (corruption.block_rows)
+      valid_BxL, kept_BxL = corruption.block_rows(
+        jax.random.fold_in(key, 4), valid_BxL, d.block_fraction, d.block_size
+      )
+      batch = {**batch, "segment_ids": jnp.where(kept_BxL, seg_BxL, 0)}
     t_B = schedules.sample_times(
       time_key, tokens_BxL.shape[0], eps=d.time_eps, antithetic=d.antithetic
     )
@@ -135,6 +141,7 @@ class Objective:
       s_B = schedules.sample_times(
         edit_time_key, tokens_BxL.shape[0], eps=d.time_eps, antithetic=d.antithetic
       )
+      batch, valid_BxL = edit_batch, self.scored(edit_batch)  # whole rows
       edited = corruption.edit_corrupt_batch(
         edit_key,
         tokens_BxL,

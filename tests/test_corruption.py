@@ -406,3 +406,20 @@ def test_copy_baseline_bits_by_hand():
   # Nothing kept: log2(num_real - 1) bits; everything kept: 0 bits.
   assert float(losses.copy_baseline_bits(inputs, inputs + 1, valid, 5)[0]) == pytest.approx(2.0)
   assert float(losses.copy_baseline_bits(inputs, inputs, valid, 5)[0]) == 0.0
+
+
+def test_block_rows_are_a_clean_prefix_and_one_block():
+  valid = jnp.ones((64, 40), bool).at[3, 30:].set(False)
+  maskable, kept = corruption.block_rows(jax.random.key(0), valid, fraction=0.5, block=8)
+  maskable, kept = np.asarray(maskable), np.asarray(kept)
+  blocky = ~kept.all(axis=1) | (maskable.sum(1) <= 8)
+  assert 16 <= blocky.sum() <= 48  # about half the rows
+  for row in np.flatnonzero(~kept.all(axis=1)):
+    (inside,) = np.nonzero(maskable[row])
+    start = inside[0]
+    assert 1 <= start and np.array_equal(inside, np.arange(start, start + 8))
+    assert kept[row, : start + 8].all() and not kept[row, start + 8 :].any()
+  whole = kept.all(axis=1) & (maskable.sum(1) > 8)
+  np.testing.assert_array_equal(maskable[whole], np.asarray(valid)[whole])
+  everything, _ = corruption.block_rows(jax.random.key(1), valid, fraction=0.0, block=8)
+  np.testing.assert_array_equal(everything, valid)

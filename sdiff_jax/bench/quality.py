@@ -3,7 +3,7 @@ r"""Syntax validity of completions per decoding setting, for trained workdirs, J
     python -m sdiff_jax.bench.quality --workdir=/tmp/sdiff_quickstart \
         --steps_per_block=1,2,4,8,32 --num_prompts=16 --json=quality.json
 
-Prompts are the first `def` line (with its body's indentation) of validation
+Prompts are the first `def` line (up to its colon) of validation
 files; `bench.syntax` says when a completion counts as valid. Causal workdirs
 are decoded token by token.
 """
