@@ -11,6 +11,8 @@ row has its value, standard error and sample count.
 """
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
@@ -29,8 +31,8 @@ HUMANEVAL_DEFAULTS = {
   "samples": 1,  # n per problem (pass@10 needs n >= 10)
   "temperature": 0.8,  # when samples > 1
   "timeout_s": 10.0,  # per candidate, in the sandbox
-  # path prefix of the resumable results files, PREFIX.step<N>.<setting>.jsonl (default:
-  # WORKDIR/eval/humaneval)
+  # path prefix of the resumable results files, PREFIX.step<N>.<setting>.<settings digest>.jsonl
+  # (default: WORKDIR/eval/humaneval)
   "results": None,
 }
 
@@ -220,23 +222,23 @@ def _humaneval_rows(loaded, o: Options, workdir: str, step: int | None) -> list[
         speed = dict(
           tokens_per_forward=decoded.tokens_per_forward, tokens_per_s=decoded.tokens_per_s
         )
+    run_settings = {
+      "workdir": workdir,
+      "step": step,
+      "sampler": settings,
+      "max_new_tokens": o.max_new_tokens,
+      "samples": h["samples"],
+      "seed": o.seed,
+      "timeout_s": h["timeout_s"],
+    }
+    # one results file per distinct settings: a rerun resumes its own, never another's
+    digest = hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()[:10]
     tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "ar"
     prefix = h["results"] or os.path.join(workdir, "eval", "humaneval")
-    path = f"{prefix}.step{step}.{tag}.jsonl"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = f"{prefix}.step{step}.{tag}.{digest}.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     result = humaneval.evaluate_completions(
-      problems,
-      samples,
-      timeout_s=h["timeout_s"],
-      results_path=path,
-      settings={
-        "workdir": workdir,
-        "step": step,
-        "sampler": settings,
-        "max_new_tokens": o.max_new_tokens,
-        "samples": h["samples"],
-        "seed": o.seed,
-      },
+      problems, samples, timeout_s=h["timeout_s"], results_path=path, settings=run_settings
     )
     extra = dict(settings=settings, prompts_too_long=len(problems) - len(fitting), **speed)
     for k, value in result.pass_at_k.items():
