@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 
@@ -299,3 +300,30 @@ def test_cli_prints_the_verdict(tmp_path):
   verdict = json.loads(run.stdout)
   assert verdict["status"] == "passed" and verdict["stdout_tail"] == "42\n"
   assert {"exit_code", "seconds", "peak_memory_mb", "network_isolation"} <= set(verdict)
+
+
+def test_an_interpreter_under_tmp_still_runs():
+  """The private tmpfs over /tmp must not hide the evaluator's own interpreter: CI's clean
+  checkout (and its virtual environment) may live under /tmp."""
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+    venv = pathlib.Path(tmp) / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    script = (
+      "from sdiff_jax.evaluate import sandbox; "
+      "print(sandbox.run_program('print(6 * 7)', timeout_s=10).to_json())"
+    )
+    out = subprocess.run(
+      [str(venv / "bin" / "python"), "-c", script],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      # this environment's packages (absl, ...) without installing them into the new venv
+      env={
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), sysconfig.get_paths()["purelib"]]),
+      },
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    verdict = json.loads(out.stdout.strip().splitlines()[-1])
+    assert verdict["status"] == "passed" and verdict["stdout_tail"] == "42\n", verdict

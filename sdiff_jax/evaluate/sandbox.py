@@ -105,8 +105,10 @@ STATUSES = ("passed", "failed", "timeout", "killed")
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWNET = 0x40000000
+_MS_RDONLY = 1
 _MS_NOSUID = 2
 _MS_NODEV = 4
+_MS_REMOUNT = 32
 _MS_BIND = 4096
 _MS_REC = 16384
 _MS_PRIVATE = 1 << 18
@@ -403,6 +405,8 @@ class _ChildSetup:
     self.prot = prot
     self.exposure = _exposure_plan(_interpreter_paths()) if prot.namespaces else []
     self.scratch = _world_writable_dirs() if prot.namespaces else []
+    # interpreter directories (a venv under /tmp) that the scratch tmpfs would hide
+    self.keep = [d for d in _interpreter_dirs() if any(_under(d, top) for top in self.scratch)]
     cpu = max(1, math.ceil(limits.cpu_s))  # RLIMIT_CPU counts whole seconds
     self.rlimits = [
       (resource.RLIMIT_CPU, cpu),  # soft == hard: SIGKILL when used up
@@ -446,9 +450,15 @@ class _ChildSetup:
           os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
         _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND | _MS_REC)
         os.close(fd)
+    kept = [(path, os.open(path, os.O_PATH)) for path in self.keep]  # before they are hidden
     for path in self.scratch:
       options = f"mode=1777,size={PRIVATE_TMP_MB}m,nr_inodes={TMPFS_INODES}"
       _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
+    for path, fd in kept:  # re-exposed read-only at their own paths
+      os.makedirs(path, mode=0o755, exist_ok=True)
+      _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+      _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_REC)
+      os.close(fd)
     os.makedirs(self.workdir, exist_ok=True)  # inside a private tmpfs when under one
     options = f"mode=0700,size={SCRATCH_MB}m,nr_inodes={TMPFS_INODES}"
     options += f",uid={self.uid},gid={self.uid}"  # the program's own directory
@@ -477,6 +487,20 @@ def _interpreter_paths() -> list[str]:
   for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
     paths.append(os.path.realpath(prefix))
   return paths
+
+
+def _interpreter_dirs() -> list[str]:
+  """The interpreter's prefixes (a venv and its base), outermost first, without nesting."""
+  dirs = []
+  for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
+    for path in {os.path.abspath(prefix), os.path.realpath(prefix)}:
+      if os.path.isdir(path) and not any(_under(path, d) for d in dirs):
+        dirs = [d for d in dirs if not _under(d, path)] + [path]
+  return sorted(dirs)
+
+
+def _under(path: str, top: str) -> bool:
+  return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def _exposure_plan(paths: list[str]) -> list[tuple[str, list[str]]]:
