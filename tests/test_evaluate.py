@@ -1,6 +1,7 @@
 """The evaluation suites (`python -m sdiff_jax.evaluate`): scoring rules by hand, the CLI
 end to end on tiny models."""
 
+import functools
 import json
 import math
 import os
@@ -127,27 +128,28 @@ def workdirs(tmp_path_factory, code_corpus_dir):
   return {mode: _train(root / mode, code_corpus_dir, mode) for mode in ("bidirectional", "causal")}
 
 
-def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
-  out = tmp_path / "eval.json"
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "sdiff_jax.evaluate",
-      f"--workdir={workdirs['bidirectional']}",
-      "--suites=nelbo,validity,repair,infill,judge",
-      f"--judge_workdir={workdirs['causal']}",
-      "--steps_per_block=1,4",
-      "--num_prompts=4",
-      "--batch_size=2",
-      "--heldout_rows=4",
-      "--max_new_tokens=16",
-      f"--json={out}",
-    ],
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "sdiff_jax.evaluate", *args],
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=timeout,
+  )
+
+
+def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
+  out = tmp_path / "eval.json"
+  result = _cli(
+    f"--workdir={workdirs['bidirectional']}",
+    "--suites=nelbo,validity,repair,infill,judge",
+    f"--judge_workdir={workdirs['causal']}",
+    "--steps_per_block=1,4",
+    "--num_prompts=4",
+    "--batch_size=2",
+    "--heldout_rows=4",
+    "--max_new_tokens=16",
+    f"--json={out}",
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| validity | steps_per_block=4 | parses |" in result.stdout
@@ -175,15 +177,7 @@ def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
 
 
 def test_cli_errors_are_clear(workdirs, tmp_path):
-  def run(*args):
-    return subprocess.run(
-      [sys.executable, "-m", "sdiff_jax.evaluate", *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
-
+  run = functools.partial(_cli, timeout=300)
   bad = run(f"--workdir={workdirs['causal']}", "--suites=nelbo,speling")
   assert bad.returncode != 0 and "unknown suites ['speling']" in bad.stderr
   nojudge = run(f"--workdir={workdirs['causal']}", "--suites=judge")
@@ -193,12 +187,6 @@ def test_cli_errors_are_clear(workdirs, tmp_path):
 
 
 def test_canonical_humaneval_solutions_pass_through_the_cli():
-  result = subprocess.run(
-    [sys.executable, "-m", "sdiff_jax.evaluate", "--canonical", "--humaneval_timeout_s=20"],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  result = _cli("--canonical", "--humaneval_timeout_s=20")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| humaneval |  | canonical_pass | 1 +- 0 | 164 |" in result.stdout

@@ -18,7 +18,6 @@ cannot see a suffix: the suite does not apply to it.
 import ast
 import dataclasses
 import functools
-import math
 import random
 from typing import Sequence
 
@@ -148,15 +147,8 @@ def infill(
     filled_tokens += len(middle)
     forwards += n_steps
   return {
-    "exact": _mean_se(exact),
-    "parses": _mean_se(parses),
+    "exact": validity.mean_se(exact),
+    "parses": validity.mean_se(parses),
     "tokens_per_forward": (filled_tokens / max(forwards, 1), 0.0),
     "items": (float(len(exact)), 0.0),
   }
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-  if not values:
-    return float("nan"), float("nan")
-  v = np.asarray(values)
-  return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")

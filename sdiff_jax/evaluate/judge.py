@@ -18,6 +18,7 @@ import numpy as np
 
 from sdiff_jax import inference, losses
 from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.evaluate import validity
 from sdiff_jax.objective import Objective
 
 
@@ -79,11 +80,9 @@ def judge(
   counts_arr, total_arr = np.array(counts, np.float64), np.array(bits_per_row, np.float64)
   keep = counts_arr > 0
   mean_bits = float(total_arr[keep].sum() / max(counts_arr[keep].sum(), 1))
-  per = total_arr[keep] / counts_arr[keep]
-  se = float(per.std(ddof=1) / math.sqrt(keep.sum())) if keep.sum() > 1 else float("nan")
-  ent = np.array(entropies)
+  _, se = validity.mean_se(total_arr[keep] / counts_arr[keep])
   return {
     "gen_ppl": (2.0**mean_bits, 2.0**mean_bits * math.log(2) * se),  # delta method
     "judge_bits": (mean_bits, se),
-    "unigram_entropy": (float(ent.mean()), float(ent.std(ddof=1) / math.sqrt(len(ent)))),
+    "unigram_entropy": validity.mean_se(entropies),
   }

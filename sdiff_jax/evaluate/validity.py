@@ -99,11 +99,13 @@ def score(item: FunctionPrompt, completion: str, ended: bool) -> dict[str, float
   return {"parses": float(parses), "exact": float(exact), "similarity": similarity if got else 0.0}
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+  """(mean, standard error of the mean); NaN where there are too few values."""
+  v = np.asarray(values, np.float64)
+  mean = float(v.mean()) if v.size else float("nan")
+  return mean, float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+
+
 def summarise(scores: Sequence[dict[str, float]]) -> dict[str, tuple[float, float]]:
   """metric -> (mean, standard error) over the prompts."""
-  out = {}
-  for name in ("parses", "exact", "similarity"):
-    values = np.array([s[name] for s in scores], np.float64)
-    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    out[name] = (float(values.mean()), float(se))
-  return out
+  return {name: mean_se([s[name] for s in scores]) for name in ("parses", "exact", "similarity")}
