@@ -499,8 +499,23 @@ def _state_from_workdir(setup: TrainSetup, source: checkpointing.Workdir) -> Tra
     raise ValueError(f"train.init_from={source.path} has another model shape: " + "; ".join(differ))
   step = checkpointing.latest_step(source)
   params = checkpointing.restore_params(source, step, setup.abstract_state.params)
+  # Parameters this model has and the source does not (e.g. `model.read_next` when adapting
+  # an AR model) come back as placeholders: they keep their fresh initialisation.
+  missing = [
+    jax.tree_util.keystr(path)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    if isinstance(leaf, jax.ShapeDtypeStruct)
+  ]
+  if missing:
+    fresh = setup.init_state(jax.random.key(setup.config.seed)).params
+    params = jax.tree.map(
+      lambda theirs, ours: ours if isinstance(theirs, jax.ShapeDtypeStruct) else theirs,
+      params,
+      fresh,
+    )
   if jax.process_index() == 0:
-    print(f"Initialised from {source.path} (step {step}, {theirs.attention} model)", flush=True)
+    note = f"; freshly initialised: {', '.join(missing)}" if missing else ""
+    print(f"Initialised from {source.path} (step {step}, {theirs.attention} model){note}", flush=True)
   return setup.state_from_params(params)
 
 

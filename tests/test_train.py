@@ -365,8 +365,9 @@ def test_data_state_is_per_process():
 
 
 def test_init_from_another_workdir(tmp_path, code_corpus_dir):
-  """A bidirectional run starts from a causal run's parameters (and tokenizer); another
-  model shape is a clear error."""
+  """A bidirectional run starts from a causal run's parameters (and tokenizer); the
+  parameters the causal model lacks (read_next) keep their fresh (zero) initialisation;
+  another model shape is a clear error."""
   ar = tiny_config(code_corpus_dir, attention="causal", num_steps=3, checkpoint_every=3)
   ar_params = jax.device_get(train.train_and_evaluate(ar, str(tmp_path / "ar")).state.params)
   adapted = tiny_config(
@@ -377,9 +378,12 @@ def test_init_from_another_workdir(tmp_path, code_corpus_dir):
     warmup_steps=0,
     init_from=str(tmp_path / "ar"),
   )
+  adapted.diffusion.shift = adapted.model.read_next = True
   result = train.train_and_evaluate(adapted, str(tmp_path / "adapted"))
   assert os.path.isdir(tmp_path / "adapted" / "tokenizer")
-  for a, b in zip(jax.tree.leaves(ar_params), jax.tree.leaves(result.state.params)):
+  params = dict(result.state.params)
+  np.testing.assert_array_equal(params.pop("read_next")["kernel"], 0.0)
+  for a, b in zip(jax.tree.leaves(ar_params), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(a, b)  # learning rate 0: still the AR model's parameters
   wider = tiny_config(code_corpus_dir, num_steps=1, init_from=str(tmp_path / "ar"))
   wider.model.d_model = 64
