@@ -515,7 +515,9 @@ def _state_from_workdir(setup: TrainSetup, source: checkpointing.Workdir) -> Tra
     )
   if jax.process_index() == 0:
     note = f"; freshly initialised: {', '.join(missing)}" if missing else ""
-    print(f"Initialised from {source.path} (step {step}, {theirs.attention} model){note}", flush=True)
+    print(
+      f"Initialised from {source.path} (step {step}, {theirs.attention} model){note}", flush=True
+    )
   return setup.state_from_params(params)
 
 
