@@ -8,13 +8,16 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from helpers import tiny_config
 from sdiff_jax import train
 from sdiff_jax.data import tokenizer as tokenizer_lib
-from sdiff_jax.evaluate import completions, infill, judge, repair, validity
+from sdiff_jax.evaluate import completions, infill, judge, nelbo, repair, validity
+from sdiff_jax.objective import Objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,6 +162,8 @@ def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
   for r in rows:
     assert r["n"] > 0 and np.isfinite(r["value"]) and "stderr" in r
   assert 0 < by[("nelbo", "bits_elbo", "null")]["value"] < 12
+  rest = by[("nelbo", "block_bits_rest", "null")]
+  assert len(rest["by_offset"]) == 16 and 0 < by[("nelbo", "block_bits_first", "null")]["value"]
   for steps in (1, 4):
     setting = json.dumps({"steps_per_block": steps})
     assert 0 <= by[("validity", "parses", setting)]["value"] <= 1
@@ -190,3 +195,46 @@ def test_canonical_humaneval_solutions_pass_through_the_cli():
   result = _cli("--canonical", "--humaneval_timeout_s=20")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| humaneval |  | canonical_pass | 1 +- 0 | 164 |" in result.stdout
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_block_bits_match_a_direct_computation(attention, code_corpus_dir):
+  """A fully masked block after a clean prefix, the rest dropped: the model's bits at each
+  offset, against logits computed by hand on that input; what follows the block and the
+  block's own tokens (as input) change nothing."""
+  config = tiny_config(code_corpus_dir, attention=attention)
+  config.diffusion.shift = config.model.read_next = attention == "bidirectional"
+  objective = Objective(config, 64)
+  size = config.diffusion.block_size
+  rows, length = 3, 2 * size  # one block, at [size, 2 size)
+  params = objective.init_params(jax.random.key(0), length)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(tokenizer_lib.NUM_SPECIAL, 64, (rows, length)).astype(np.int32)
+  heldout = {
+    "tokens": tokens,
+    "segment_ids": np.ones((rows, length), np.int32),
+    "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+  }
+  got = nelbo.block_bits(objective, params, heldout, chunk=2)
+
+  cut = {k: jnp.asarray(v[:, : 2 * size]) for k, v in heldout.items()}
+  noisy = cut["tokens"].at[:, size:].set(tokenizer_lib.MASK_ID)
+  logits = objective.logits(params, noisy, cut)[:, size:]
+  logits = logits.at[..., tokenizer_lib.MASK_ID].set(-jnp.inf)  # never a target
+  bits_BxK = -jnp.take_along_axis(jax.nn.log_softmax(logits), cut["tokens"][:, size:, None], -1)
+  bits_BxK = np.asarray(bits_BxK[..., 0]) / math.log(2)
+  np.testing.assert_allclose(got.by_offset, bits_BxK.mean(0), rtol=1e-5)
+  assert got.first.mean == pytest.approx(bits_BxK[:, 0].mean(), rel=1e-5)
+  assert got.rest.mean == pytest.approx(bits_BxK[:, 1:].mean(), rel=1e-5)
+  assert got.blocks == 1 and got.rest.rows == rows
+
+  # what follows the block changes nothing: the first block of rows with two tails
+  def first_block(tail):
+    longer = {k: np.concatenate([v, v[:, :size]], axis=1) for k, v in heldout.items()}
+    longer["tokens"][:, 2 * size :] = tail
+    batch = {k: jnp.asarray(v) for k, v in longer.items()}
+    return np.asarray(nelbo._block_nll(objective, params, batch, jnp.int32(size), size)[0])
+
+  tails = rng.integers(tokenizer_lib.NUM_SPECIAL, 64, (2, rows, size))
+  np.testing.assert_allclose(first_block(tails[0]), first_block(tails[1]), rtol=1e-6)
+  np.testing.assert_allclose(first_block(tails[0]), bits_BxK, rtol=1e-5)

@@ -6,7 +6,14 @@ scored by the masked-diffusion ELBO (an upper bound on their NLL) at `repeats` n
 levels per row, stratified over t in (eps, 1) with fixed keys; `causal` models by their
 exact next-token NLL. A row's bits are its total over its scored tokens; the mean is
 over rows and the standard error is that of the row means (rows are nearly full, so
-this is close to the token-weighted mean). Shapes: B rows, L tokens, R repeats.
+this is close to the token-weighted mean). Shapes: B rows, L tokens, R repeats, K block tokens.
+
+`block_bits` scores the state every block-decoding forward starts from, which i.i.d.
+masking almost never draws: a clean prefix, one block of `block_size` tokens all MASK,
+nothing after it. Blocks start at every multiple of `block_size` from the first on; a
+block's token at offset k has only the prefix to go on, so its bits say how much a
+forward that commits many tokens at once must guess (offset 0 is the next token, what
+an AR model predicts).
 """
 
 import dataclasses
@@ -144,4 +151,75 @@ def heldout_bits(
     float(bits_B.std(ddof=1) / math.sqrt(rows)),
     rows,
     1 if objective.mode == "causal" else repeats,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockBits:
+  first: Bits  # offset 0 (the next token)
+  rest: Bits  # offsets 1..K-1
+  by_offset: list[float]  # mean bits at each offset, over all blocks
+  blocks: int
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _block_nll(
+  objective: Objective, params, batch: Batch, start: jax.Array, size: int
+) -> tuple[jax.Array, jax.Array]:
+  """(bits, scored) float32/bool[B, K] of block [start, start+K) masked after a clean
+  prefix, the rest of the row dropped."""
+  tokens_BxL, seg_BxL = batch["tokens"], batch["segment_ids"]
+  index_L = jnp.arange(tokens_BxL.shape[1])
+  in_block_L = (index_L >= start) & (index_L < start + size)
+  seg_BxL = jnp.where(index_L[None] < start + size, seg_BxL, 0)
+  dropped = {**batch, "segment_ids": seg_BxL}
+  scored_BxL = objective.scored(dropped) & in_block_L[None]
+  noisy_BxL = jnp.where(scored_BxL, tokenizer_lib.MASK_ID, tokens_BxL)
+  nll_BxL = losses.token_nll(
+    objective.logits(params, noisy_BxL, dropped), tokens_BxL, tokenizer_lib.MASK_ID
+  )
+  take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+  return take(nll_BxL) / math.log(2), take(scored_BxL)
+
+
+def block_bits(
+  objective: Objective, params, heldout: dict[str, np.ndarray], chunk: int = 16
+) -> BlockBits:
+  """Bits/token of fully masked blocks after a clean prefix (module docstring), at the
+  first offset and the rest, with standard errors over rows (diffusion models only)."""
+  if objective.mode == "causal":
+    raise ValueError("block bits are for diffusion models: a causal model's is its NLL")
+  size = objective.config.diffusion.block_size
+  rows, length = heldout["tokens"].shape
+  starts = range(size, length - size + 1, size)
+  if not starts:
+    raise ValueError(f"rows of {length} tokens hold no block of {size} after a prefix")
+  bits, scored = [], []  # [B, K] per start
+  for start in starts:
+    parts = [
+      _block_nll(
+        objective,
+        params,
+        {k: jnp.asarray(v[first : first + chunk]) for k, v in heldout.items()},
+        jnp.int32(start),
+        size,
+      )
+      for first in range(0, rows, chunk)
+    ]
+    bits.append(np.concatenate([np.asarray(b) for b, _ in parts]))
+    scored.append(np.concatenate([np.asarray(m) for _, m in parts]))
+  bits_NxBxK, scored_NxBxK = np.stack(bits), np.stack(scored)
+
+  def per_row(offsets: slice) -> Bits:
+    total_B = np.where(scored_NxBxK, bits_NxBxK, 0)[..., offsets].sum(axis=(0, 2))
+    count_B = scored_NxBxK[..., offsets].sum(axis=(0, 2))
+    mean_B = total_B[count_B > 0] / count_B[count_B > 0]
+    return Bits(
+      float(mean_B.mean()), float(mean_B.std(ddof=1) / math.sqrt(mean_B.size)), mean_B.size, 1
+    )
+
+  total_K = np.where(scored_NxBxK, bits_NxBxK, 0).sum(axis=(0, 1))
+  by_offset = total_K / np.maximum(scored_NxBxK.sum(axis=(0, 1)), 1)
+  return BlockBits(
+    per_row(slice(0, 1)), per_row(slice(1, None)), [float(b) for b in by_offset], len(starts)
   )

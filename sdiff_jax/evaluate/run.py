@@ -91,6 +91,15 @@ def _nelbo_rows(loaded, objective, o: Options) -> list[dict]:
     rows.append(_row("nelbo", f"bits_{kind}", (bits.mean, bits.stderr), bits.rows, **extra))
     rows.append(_row("nelbo", "unigram_bits", (unigram, 0.0), bits.rows, **extra))
     _progress(f"nelbo [{name}]: {bits} bits/token ({kind}), unigram {unigram:.3f}")
+    if objective.mode != "causal":  # what a forward that commits a whole block must guess
+      block = nelbo.block_bits(objective, loaded.params, heldout)
+      for metric, b in (("block_bits_first", block.first), ("block_bits_rest", block.rest)):
+        rows.append(_row("nelbo", metric, (b.mean, b.stderr), b.rows, **extra))
+      rows[-1]["by_offset"] = [round(b, 3) for b in block.by_offset]
+      _progress(
+        f"nelbo [{name}]: a fully masked block after a clean prefix: {block.first} bits at "
+        f"its first token, {block.rest} at the others"
+      )
   return rows
 
 
