@@ -169,9 +169,17 @@ class Decoder:
     mask_BxTxS: jax.Array,
     cache: KVCache,
     cache_index: jax.Array,
+    outputs: tuple[int, int] | None = None,
   ) -> tuple[jax.Array, KVCache]:
+    """Logits of positions [outputs) (default: all) and the cache with the K/V written."""
     return Transformer(self.unrolled).apply(
-      {"params": params}, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index
+      {"params": params},
+      tokens_BxT,
+      positions_BxT,
+      mask_BxTxS,
+      cache,
+      cache_index,
+      outputs=outputs,
     )
 
   def init_cache(self, batch: int, length: int) -> KVCache:
@@ -265,12 +273,15 @@ def _forward(
   start: jax.Array,
   visible_TxT: jax.Array,
   write_at: jax.Array | None = None,
+  outputs: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Runs `tokens` as positions [start, start+T) of the sequence.
 
   Their K/V go to cache slots [write_at, write_at+T) (default: `start`). A token sees
   the row's non-pad slots before `start`, the slots of the input tokens that
-  `visible_TxT` grants it (see `_visible`), and its own slot.
+  `visible_TxT` grants it (see `_visible`), and its own slot. Logits only of the input
+  tokens [outputs) (default: all): the unembedding is a large share of a small
+  forward's work.
   """
   length = tokens_BxT.shape[1]
   write_at = start if write_at is None else write_at
@@ -283,7 +294,7 @@ def _forward(
     slot_S >= pad_B[:, None, None]
   ) | (offset_S[None, :] == jnp.arange(length)[:, None])[None]  # a pad query sees itself
   positions_BxT = jnp.maximum(start + jnp.arange(length)[None, :] - pad_B[:, None], 0)
-  return decoder.apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, write_at)
+  return decoder.apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, write_at, outputs)
 
 
 def _top_p_filter(logits_BxTxV: jax.Array, top_p: float) -> jax.Array:
@@ -438,17 +449,19 @@ class _Plan:
     *,
     causal: bool = False,
     write_at: jax.Array | None = None,
+    outputs: tuple[int, int] | None = None,
   ) -> tuple[jax.Array, KVCache]:
     """One forward of `parts` (int32[B, T_i] each) at consecutive positions from `start`,
-    then the MASK suffix; the logits of the parts, [B, sum T_i, V], and the cache."""
+    then the MASK suffix; the logits of the parts' tokens [outputs) (default: all of
+    them), [B, hi - lo, V], and the cache."""
     batch = parts[0].shape[0]
     tokens_BxT = jnp.concatenate(
       list(parts) + [jnp.full((batch, self.suffix), MASK, jnp.int32)], axis=1
     )
     sizes = [p.shape[1] for p in parts]
     visible_TxT = _visible(sizes, start, causal=causal, suffix=self.suffix, end=self.end)
-    logits_BxTxV, cache = self.forward(cache, tokens_BxT, start, visible_TxT, write_at)
-    return logits_BxTxV[:, : sum(sizes)], cache
+    outputs = (0, sum(sizes)) if outputs is None else outputs
+    return self.forward(cache, tokens_BxT, start, visible_TxT, write_at, outputs)
 
 
 def _block_generate(
@@ -473,7 +486,7 @@ def _block_generate(
 
   prefill = dataclasses.replace(plan, suffix=buffer if s.suffix_mask else 0)
   _, cache = prefill.run(
-    decoder.init_cache(batch, num_slots), [prompt_BxP], 0, causal=mode == "exact"
+    decoder.init_cache(batch, num_slots), [prompt_BxP], 0, causal=mode == "exact", outputs=(0, 0)
   )
   init = BlockLoopState(
     block=jnp.int32(0),
@@ -509,7 +522,9 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
   if plan.mode in ("exact", "recompute"):
 
     def rewrite(cache):
-      return plan.run(cache, [previous_BxK], start - size, causal=plan.mode == "exact")[1]
+      return plan.run(
+        cache, [previous_BxK], start - size, causal=plan.mode == "exact", outputs=(0, 0)
+      )[1]
 
     cache = jax.lax.cond(j > 0, rewrite, lambda c: c, cache)
     nfe = nfe + (j > 0)
@@ -527,8 +542,8 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
       jax.lax.dynamic_slice_in_dim(state.tokens_BxN, j * size - 1, 1, axis=1),
       plan.prompt_last_Bx1,
     )
-    logits_BxTxV, cache = plan.run(cache, [last_Bx1, block_BxK], start - 1)
-    return logits_BxTxV[:, :size], cache  # output i-1 predicts token i
+    # output i-1 predicts token i
+    return plan.run(cache, [last_Bx1, block_BxK], start - 1, outputs=(0, size))
 
   state_of_block = StepLoopState(
     step=jnp.int32(0),
@@ -542,9 +557,10 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
 
     def fold_forward(cache, block_BxK):
       def fold(cache):
-        logits_BxTxV, cache = plan.run(cache, [previous_BxK, block_BxK], start - size)
         first = size - 1 if s.shift else size  # shift: output i-1 predicts token i
-        return logits_BxTxV[:, first : first + size], cache
+        return plan.run(
+          cache, [previous_BxK, block_BxK], start - size, outputs=(first, first + size)
+        )
 
       return jax.lax.cond(j > 0, fold, lambda c: denoise_forward(c, block_BxK), cache)
 
@@ -648,13 +664,14 @@ def _ar_generate(
   num_new = s.max_new_tokens
   forward = functools.partial(_forward, decoder, params, pad_B, prompt_len + num_new)
 
-  logits_BxPxV, cache = forward(
+  logits_Bx1xV, cache = forward(
     decoder.init_cache(batch, prompt_len + num_new),
     prompt_BxP,
     0,
     _visible([prompt_len], causal=True),
+    outputs=(prompt_len - 1, prompt_len),
   )
-  token_Bx1, _ = _sample(logits_BxPxV[:, -1:], jax.random.fold_in(key, 0), s)
+  token_Bx1, _ = _sample(logits_Bx1xV, jax.random.fold_in(key, 0), s)
   tokens_BxG = jnp.full((batch, num_new), PAD, jnp.int32).at[:, :1].set(token_Bx1)
   init = ARLoopState(
     step=jnp.int32(1),

@@ -204,7 +204,7 @@ def test_unrolled_layers_equal_the_scan(params):
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
-def test_read_next_reads_position_t_plus_1_only_when_asked():
+def test_read_next_reads_position_t_plus_1_only_when_asked_and_outputs_slice():
   cfg = ModelConfig(**{**CFG.__dict__, "read_next": True})
   model = Transformer(cfg)
   tokens, seg, pos = _inputs(jax.random.key(3))
@@ -222,3 +222,8 @@ def test_read_next_reads_position_t_plus_1_only_when_asked():
     # causal mask: outputs before the change see it only through the read_next term at t = 4
     np.testing.assert_allclose(out[:, :4], out_changed[:, :4], atol=1e-5)
     assert bool(jnp.any(jnp.abs(out[:, 4] - out_changed[:, 4]) > 1e-3)) == differs
+  # `outputs` computes the logits of a range of positions only: the same numbers
+  full = model.apply({"params": params}, tokens, pos, mask)[0]
+  part = model.apply({"params": params}, tokens, pos, mask, outputs=(3, 9))[0]
+  np.testing.assert_allclose(part, full[:, 3:9], atol=1e-6)
+  assert model.apply({"params": params}, tokens, pos, mask, outputs=(0, 0))[0].shape[1] == 0

@@ -29,15 +29,20 @@ class TableDecoder(sampling.Decoder):
 
   cfg: ModelConfig = ModelConfig(vocab_size=VOCAB)
 
-  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index):
+  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index, outputs=None):
     late_B = jnp.sum(tokens_BxT == MASK, axis=1) < 3
     logits_BxTxV = jnp.where(
       late_B[:, None, None], params["late"][positions_BxT], params["early"][positions_BxT]
     )
-    return logits_BxTxV, cache
+    return _outputs(logits_BxTxV, outputs), cache
 
   def init_cache(self, batch, length):
     return jnp.zeros((1, batch, length))  # [layers, B, S] like a real cache
+
+
+def _outputs(logits_BxTxV, outputs):
+  """The logits a decoder returns for `outputs=(lo, hi)` (None: all)."""
+  return logits_BxTxV if outputs is None else logits_BxTxV[:, outputs[0] : outputs[1]]
 
 
 def _confidence_logit(p: float) -> float:
@@ -346,10 +351,10 @@ class RecordingDecoder(sampling.Decoder):
 
   cfg: ModelConfig = ModelConfig(vocab_size=VOCAB)
 
-  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index):
+  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index, outputs=None):
     cache = jax.lax.dynamic_update_slice_in_dim(cache, tokens_BxT[None], cache_index, axis=2)
     jax.debug.callback(_record, tokens_BxT, positions_BxT, mask_BxTxS, cache[0], cache_index)
-    return params["table"][positions_BxT], cache
+    return _outputs(params["table"][positions_BxT], outputs), cache
 
   def init_cache(self, batch, length):
     return jnp.full((1, batch, length), -1, jnp.int32)  # [layers, B, S] like a real cache
@@ -625,12 +630,12 @@ def test_fold_equals_recompute_when_sampling_and_self_correcting(params):
 class MaskBlindDecoder(sampling.Decoder):
   """The tiny model, except that no query attends to a MASK input: a MASK suffix is invisible."""
 
-  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index):
+  def apply(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index, outputs=None):
     masked_BxS = jax.lax.dynamic_update_slice_in_dim(
       jnp.zeros(mask_BxTxS.shape[::2], bool), tokens_BxT == MASK, cache_index, axis=1
     )
     mask_BxTxS &= ~masked_BxS[:, None, :]
-    return super().apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
+    return super().apply(params, tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index, outputs)
 
 
 def test_suffix_mask_compiles_once_and_changes_nothing_for_a_model_blind_to_it(params):

@@ -262,10 +262,12 @@ class Transformer(nn.Module):
     cache: KVCache | None = None,
     cache_index: jax.Array | None = None,
     read_next: bool = True,
+    outputs: tuple[int, int] | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Logits [B, T, V] and the updated cache. `read_next=False` leaves out the
     `cfg.read_next` term (next-token training under a causal mask, where position t + 1
-    holds the target)."""
+    holds the target). `outputs=(lo, hi)` (static) computes the logits of positions
+    [lo, hi) only, [B, hi - lo, V]: a decoder forward needs few of its tokens' logits."""
     cfg = self.cfg
     embed = nn.Embed(
       cfg.vocab_size,
@@ -317,6 +319,8 @@ class Transformer(nn.Module):
       )(next_BxTxD)
       if read_next:  # the parameter exists either way: one parameter tree
         x_BxTxD = x_BxTxD + mixed_BxTxD
+    if outputs is not None:
+      x_BxTxD = x_BxTxD[:, outputs[0] : outputs[1]]
     if cfg.tie_embeddings:  # logits start with std ~1
       logits_BxTxV = embed.attend(x_BxTxD) / jnp.sqrt(cfg.d_model).astype(x_BxTxD.dtype)
     else:  # logits start with std ~ d_model**-0.5: near-uniform predictions
