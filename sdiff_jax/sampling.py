@@ -553,7 +553,9 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
     pending_B=jnp.zeros((batch,), bool),
     nfe=nfe,
   )
-  if plan.mode == "fold":  # step 0 always runs: an active row needs the block's first token
+  # step 0 always runs: an active row needs the block's first token. One block: nothing to
+  # fold (and a prompt shorter than the block leaves no room for a 2-block input).
+  if plan.mode == "fold" and state.block_steps_J.shape[0] > 1:
 
     def fold_forward(cache, block_BxK):
       def fold(cache):

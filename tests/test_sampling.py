@@ -583,6 +583,17 @@ def test_fold_and_recompute_equal_the_uncached_reference(params, suffix_mask, sh
     assert not np.array_equal(old.tokens, fold.tokens)
 
 
+def test_one_block_after_a_prompt_shorter_than_the_block(params):
+  """Nothing to fold: one block after a short prompt decodes (fold's 2-block input would not
+  fit the cache) and equals the uncached reference."""
+  settings = dataclasses.replace(REFERENCE_SETTINGS, max_new_tokens=8)
+  for shift in (False, True):
+    s = dataclasses.replace(settings, shift=shift)
+    gen = _generate(params, PROMPTS, s)
+    for row, prompt in enumerate(PROMPTS):
+      np.testing.assert_array_equal(gen.tokens[row], _reference_bidirectional(params, prompt, s)[0])
+
+
 CFG_NEXT = dataclasses.replace(CFG, read_next=True)
 
 
