@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdiff_jax import sampling
+from sdiff_jax import sampling, trajectories
 from sdiff_jax.models import ModelConfig, Transformer
 from sdiff_jax.models.attention_masks import block_causal_mask, causal_mask
 from sdiff_jax.sampling import BOS, EOS, MASK, PAD, Settings
@@ -592,6 +592,29 @@ def test_one_block_after_a_prompt_shorter_than_the_block(params):
     gen = _generate(params, PROMPTS, s)
     for row, prompt in enumerate(PROMPTS):
       np.testing.assert_array_equal(gen.tokens[row], _reference_bidirectional(params, prompt, s)[0])
+
+
+@pytest.mark.parametrize("settings", RECORDED_SETTINGS[:2])
+def test_trajectory_states_replay_the_sampler_inputs(settings):
+  """`trajectories.states` rebuilds, from the tokens and commit steps alone, the block every
+  denoising forward of the sampler read (recompute: each such forward is the block alone)."""
+  settings = dataclasses.replace(settings, cache_mode="recompute")
+  gen, records, prompt_len, _ = _recorded_run(settings)
+  size = settings.block_size
+  denoising = [r for r in records[1:] if r["tokens"].shape[1] == size]  # prefill excluded
+  by_block, n = [], 0
+  for j, steps in enumerate(np.asarray(gen.block_steps)):
+    n += j > 0  # the rewrite of block j - 1
+    by_block.append(denoising[n : n + steps])
+    n += steps
+  for row in range(len(RECORDING_PROMPTS)):
+    length = int(gen.lengths[row])
+    tokens, commit = gen.tokens[row, :length], gen.commit_step[row, :length]
+    replayed = list(trajectories.states(tokens, commit, size))
+    assert sum(len(np.flatnonzero(c)) for *_, c in replayed) == length
+    for j, step, state, _ in replayed:
+      read = by_block[j][step]["tokens"][row]
+      np.testing.assert_array_equal(state[j * size :], read[: state.size - j * size])
 
 
 CFG_NEXT = dataclasses.replace(CFG, read_next=True)

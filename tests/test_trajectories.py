@@ -1,0 +1,153 @@
+"""Trajectory pools (`sdiff_jax.trajectories`): replay, the score against a direct
+computation, selection, and the CLI end to end (resumable) on a tiny model."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from sdiff_jax import train, trajectories
+from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.objective import Objective
+
+M = tokenizer_lib.MASK_ID
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_states_replay_every_step():
+  got = list(trajectories.states([10, 11, 12, 13, 14, 15], [1, 0, 1, 2, 0, 0], block_size=4))
+  assert [(j, s) for j, s, _, _ in got] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+  assert [list(state) for _, _, state, _ in got] == [
+    [M, M, M, M],
+    [M, 11, M, M],
+    [10, 11, 12, M],
+    [10, 11, 12, 13, M, M],
+  ]
+  assert [list(np.flatnonzero(c)) for _, _, _, c in got] == [[1], [0, 2], [3], [4, 5]]
+  with pytest.raises(ValueError, match="every token committed"):
+    list(trajectories.states([10, 11], [0, -1], block_size=4))
+
+
+def _objective(code_corpus_dir):
+  config = tiny_config(code_corpus_dir)
+  config.diffusion.shift = config.model.read_next = True
+  config.diffusion.block_size = 4
+  objective = Objective(config, 64)
+  params = objective.init_params(jax.random.key(0), config.data.seq_len)
+  # a non-zero read_next term, so the test sees it
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  return objective, params
+
+
+def test_score_matches_a_direct_computation(code_corpus_dir):
+  objective, params = _objective(code_corpus_dir)
+  rng = np.random.default_rng(0)
+  pool = []
+  for n, (prompt_len, gen_len) in enumerate([(5, 7), (9, 4), (3, 8)]):
+    tokens = rng.integers(tokenizer_lib.NUM_SPECIAL, 64, gen_len).tolist()
+    commit = np.concatenate([rng.permutation(4) // 2 for _ in range(math.ceil(gen_len / 4))])
+    pool.append(
+      trajectories.Trajectory(
+        prompt_id=n,
+        prompt=[tokenizer_lib.BOS_ID] + rng.integers(4, 64, prompt_len - 1).tolist(),
+        tokens=tokens,
+        commit_step=commit[:gen_len].tolist(),
+        block_size=4,
+        settings={},
+      )
+    )
+  got = trajectories.score(objective, params, pool, chunk=3)
+
+  for t, bits in zip(pool, got):
+    total = 0.0
+    for _, _, state, committed in trajectories.states(t.tokens, t.commit_step, 4):
+      row = jnp.asarray([t.prompt + state.tolist()], jnp.int32)
+      batch = {
+        "tokens": row,
+        "segment_ids": jnp.ones_like(row),
+        "positions": jnp.arange(row.shape[1])[None],
+      }
+      logits = objective.logits(params, row, batch)[0, len(t.prompt) :]
+      logp = jax.nn.log_softmax(logits.at[:, M].set(-jnp.inf))
+      targets = np.asarray(t.tokens[: state.size])
+      total -= float(logp[np.flatnonzero(committed), targets[committed]].sum())
+    assert bits == pytest.approx(total / math.log(2) / len(t.tokens), rel=1e-4)
+
+
+def test_select_keeps_the_highest_bound_per_prompt():
+  def t(prompt_id, bits, steps):
+    return trajectories.Trajectory(
+      prompt_id, [1], [5], [0], 4, {"steps_per_block": steps}, score_bits=bits
+    )
+
+  pool = [t(0, 3.0, 4), t(0, 1.0, 8), t(0, 2.0, 4), t(1, 5.0, 8), t(1, 4.0, 4)]
+  kept, report = trajectories.select(pool, keep=1)
+  assert [(k.prompt_id, k.score_bits) for k in kept] == [(0, 1.0), (1, 4.0)]
+  assert report["prompts"] == 2 and report["kept"]["count"] == 2
+  assert report["dropped"]["count"] == 3 and report["dropped"]["mean"] == pytest.approx(10 / 3)
+  assert report["kept_steps_per_block"] == {"8": 1, "4": 1}
+  two, _ = trajectories.select(pool, keep=2)
+  assert sorted(k.score_bits for k in two) == [1.0, 2.0, 4.0, 5.0]
+  with pytest.raises(ValueError, match="keep at least one"):
+    trajectories.select(pool, keep=0)
+
+
+def _cli(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "sdiff_jax.trajectories", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_cli_builds_scores_selects_and_resumes(tmp_path, code_corpus_dir):
+  config = tiny_config(code_corpus_dir, num_steps=2, checkpoint_every=2, eval_every=2)
+  config.curriculum.edit_start_fraction = 1.0
+  workdir = str(tmp_path / "model")
+  train.train_and_evaluate(config, workdir)
+  out = tmp_path / "pool"
+  args = [
+    f"--workdir={workdir}",
+    f"--out={out}",
+    "--num_prompts=3",
+    "--chunk_prompts=2",
+    "--prompt_len=8",
+    "--max_new_tokens=16",
+    "--steps_per_block=2,4",
+    "--samples=2",
+  ]
+  first = _cli(*args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "chunk 2/2" in first.stderr
+  chunks = sorted(p for p in os.listdir(out) if p.startswith("pool."))
+  assert chunks == ["pool.p000.c00000.array_record", "pool.p000.c00001.array_record"]
+  pool = trajectories.read([str(out / c) for c in chunks])
+  assert len(pool) == 3 * 2 * 2  # prompts x steps_per_block values x samples
+  for t in pool:
+    assert len(t.prompt) == 9 and 0 < len(t.tokens) <= 16 and np.isfinite(t.score_bits)
+    assert max(t.commit_step) < t.settings["steps_per_block"]
+  selected = trajectories.read([str(out / trajectories.SELECTED)])
+  assert len(selected) == 3
+  for s in selected:
+    assert s.score_bits == min(t.score_bits for t in pool if t.prompt_id == s.prompt_id)
+
+  # an interrupted run: the missing chunk is rebuilt, the others are kept as they are
+  os.remove(out / chunks[1])
+  kept = os.stat(out / chunks[0]).st_mtime_ns
+  again = _cli(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "chunk 2/2" in again.stderr and "chunk 1/2" not in again.stderr
+  assert os.stat(out / chunks[0]).st_mtime_ns == kept
+
+  causal = tiny_config(code_corpus_dir, attention="causal", num_steps=1, checkpoint_every=1)
+  train.train_and_evaluate(causal, str(tmp_path / "ar"))
+  refused = _cli(f"--workdir={tmp_path / 'ar'}", f"--out={tmp_path / 'x'}")
+  assert refused.returncode == 2 and "trajectories need a diffusion model" in refused.stderr
