@@ -88,6 +88,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.curriculum.edit_start_fraction = 0.8
   c.curriculum.edit_weight = 1.0  # weight of the edit term once it starts
 
+  # Constrained-order distillation (a stage of its own, from a pre-trained workdir through
+  # train.init_from): with `pool` set (a `python -m sdiff_jax.trajectories` output
+  # directory), every step trains on (state, final) pairs of its selected trajectories.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.pool = ""
+  c.distill.edit_alpha = 0.05  # share of a state's tokens edited by f (edit_corrupt), fixed
+  c.distill.visible_weight = 0.25  # weight of the re-check term at the state's visible tokens
+
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
   c.train.batch_size = 16  # global batch (rows of seq_len tokens)
@@ -315,6 +323,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if cur.ar_fraction and config.attention == "block_causal":
     _fail("curriculum.ar_fraction", cur.ar_fraction, "is for bidirectional models")
+  if config.distill.pool and config.attention == "causal":
+    _fail("distill.pool", config.distill.pool, "distillation is for diffusion models")
+  if not 0.0 <= config.distill.edit_alpha <= config.diffusion.alpha_max:
+    _fail(
+      "distill.edit_alpha",
+      config.distill.edit_alpha,
+      f"must be in [0, diffusion.alpha_max={config.diffusion.alpha_max}]",
+    )
   if not 0.0 <= config.diffusion.block_fraction <= 1.0:
     _fail("diffusion.block_fraction", config.diffusion.block_fraction, "must be in [0, 1]")
   if not 0.0 < config.diffusion.time_eps < 1.0:
@@ -346,7 +362,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f"mesh.{name}", size, "must be a positive size or -1 (the remaining devices)")
 
 
-STAGES = ("ar", "mask", "mask+edit")  # the curriculum's stages, in order
+STAGES = ("ar", "mask", "mask+edit", "distill")  # the curriculum's stages, in order
 
 
 def stage_starts(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -354,6 +370,8 @@ def stage_starts(config: ml_collections.ConfigDict) -> dict[str, int]:
   steps = config.train.num_steps
   if config.attention == "causal":
     return {"ar": 0}
+  if config.distill.pool:
+    return {"distill": 0}
   ar_end = int(round(config.curriculum.ar_fraction * steps))
   edit = int(round(config.curriculum.edit_start_fraction * steps))
   ranges = {"ar": (0, ar_end), "mask": (ar_end, edit), "mask+edit": (edit, steps)}

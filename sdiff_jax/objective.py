@@ -107,6 +107,9 @@ class Objective:
       loss = losses.mean_bits(nll_BxL, target_valid_BxL)
       return loss, {**metrics, "loss": loss, "ar_bits": loss}
 
+    if stage == "distill":
+      return self.distill_loss(params, batch, key, metrics)
+
     time_key, mask_key, edit_time_key, edit_key = jax.random.split(key, 4)
     d = self.config.diffusion
     valid_BxL = self.scored(batch)
@@ -165,4 +168,49 @@ class Objective:
         edit_bits=edit_bits, edit_copy_bits=copy_bits, edit_kept_fraction=kept_fraction
       )
     metrics["loss"] = loss
+    return loss, metrics
+
+  def distill_loss(
+    self, params, batch: Batch, key: jax.Array, metrics: dict[str, jax.Array]
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Constrained-order distillation (Seed Diffusion Eq. 9) on (state, final) pairs:
+    `batch["state"]` is a state of a selected trajectory (MASK where not yet committed,
+    `trajectories.DistillPairs`), `tokens` the trajectory's final tokens.
+
+    -lambda(x_i) log p(x0 | f(x_i)): f edits the state (`corruption.edit_corrupt`, a fixed
+    share `distill.edit_alpha` of its tokens, MASK included) and the model predicts x0 at
+    every position. lambda = 1 / (the row's MASK inputs): each state weighs the same
+    whatever its noise level (a state late in a block masks few tokens, one early many),
+    as the masked mean does. The visible tokens' mean NLL (the re-check of committed and
+    edited tokens) is added with weight `distill.visible_weight`."""
+    d = self.config.distill
+    valid_BxL = self.scored(batch)
+    rows = batch["tokens"].shape[0]
+    edited = corruption.edit_corrupt_batch(
+      key,
+      batch["state"],
+      batch["segment_ids"],
+      batch["positions"],
+      jnp.full((rows,), d.edit_alpha),
+      vocab_size=self.model_cfg.vocab_size,
+      window=self.config.diffusion.edit_window,
+      alpha_max=self.config.diffusion.alpha_max,
+      op_probs=tuple(self.config.diffusion.edit_op_probs),
+    )
+    nll_BxL = losses.token_nll(
+      self.logits(params, edited.tokens, batch), batch["tokens"], tokenizer_lib.MASK_ID
+    )
+    masked_BxL = valid_BxL & (edited.tokens == tokenizer_lib.MASK_ID)
+    count_B = masked_BxL.sum(axis=1)
+    row_bits_B = jnp.where(masked_BxL, nll_BxL, 0).sum(axis=1) / jnp.maximum(count_B, 1)
+    has_B = count_B > 0
+    masked_bits = (row_bits_B * has_B).sum() / jnp.maximum(has_B.sum(), 1) / losses.LN2
+    visible_bits = losses.mean_bits(nll_BxL, valid_BxL & ~masked_BxL)
+    loss = masked_bits + d.visible_weight * visible_bits
+    metrics.update(
+      loss=loss,
+      distill_masked_bits=masked_bits,
+      distill_visible_bits=visible_bits,
+      mask_rate=masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1),
+    )
     return loss, metrics

@@ -24,7 +24,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdiff_jax import checkpointing, config_lib, sharding
+from sdiff_jax import checkpointing, config_lib, sharding, trajectories
 from sdiff_jax.data import pipeline, sources
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.metric_writer import MetricWriter, format_duration
@@ -323,14 +323,17 @@ def make_datasets(
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.tfds_data_dir = data_config.tfds_data_dir or workdir.tfds
   rows = config.train.batch_size // jax.process_count()
+  eval_ds = pipeline.make_dataset_from_config(
+    data_config, tok, "validation", batch_size=rows, seed=config.seed
+  )
+  if config.distill.pool:  # the "distill" stage trains on (state, final) pairs only
+    paths = trajectories.selected_paths(config.distill.pool)
+    return trajectories.DistillPairs(paths, rows, config.seed, config.data.seq_len), eval_ds
   train_ds = sharding.chief_first(
     lambda: pipeline.make_dataset_from_config(
       data_config, tok, "train", batch_size=rows, seed=config.seed
     ),
     "data",
-  )
-  eval_ds = pipeline.make_dataset_from_config(
-    data_config, tok, "validation", batch_size=rows, seed=config.seed
   )
   return train_ds, eval_ds
 
@@ -406,6 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = _initial_state(setup, mngr, train_iter)
 
   log = _Logger(config, paths)
+  if isinstance(train_ds, trajectories.DistillPairs):  # rows of the pool's length
+    log.tokens_per_step = config.train.batch_size * train_ds.length
   num_steps, step = config.train.num_steps, int(state.step)
   stages = ", ".join(
     f"{name} from step {start}" for name, start in config_lib.stage_starts(config).items()
@@ -435,7 +440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         _check_finite(state, config)
         log.train(step, stage)
       if step % config.train.eval_every == 0 or last:
-        last_eval = evaluate(eval_step, state.params, eval_ds, config, mesh, stage)
+        # distillation is watched on the held-out data's diffusion loss
+        eval_stage = "mask+edit" if stage == "distill" else stage
+        last_eval = evaluate(eval_step, state.params, eval_ds, config, mesh, eval_stage)
         log.eval(step, last_eval)
         log.restart_clock()
       if step % config.train.checkpoint_every == 0 or last or stop:

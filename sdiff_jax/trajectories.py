@@ -263,6 +263,65 @@ def read(paths: Sequence[str]) -> list[Trajectory]:
   return out
 
 
+class DistillPairs:
+  """Endless batches of (state, final) pairs of selected trajectories, for the "distill"
+  stage: each row a uniformly drawn trajectory at a uniformly drawn state (`states`),
+  prompt + state in `state`, prompt + the final tokens up to the state's end in `tokens`
+  (int32[B, L], L the pool's longest prompt + generation; PAD and segment 0 after).
+  Batch n depends on (seed, process, n) only: the iterator state is n."""
+
+  def __init__(self, paths: Sequence[str], batch_size: int, seed: int, max_len: int):
+    self.pool = read(paths)
+    if not self.pool:
+      raise ValueError(f"no trajectories in {list(paths)}")
+    self.length = max(len(t.prompt) + len(t.tokens) for t in self.pool)
+    if self.length > max_len:
+      raise ValueError(
+        f"trajectories of {self.length} tokens (prompt + generation) exceed the model's "
+        f"context of {max_len} (data.seq_len)"
+      )
+    self.states = [list(states(t.tokens, t.commit_step, t.block_size)) for t in self.pool]
+    self.batch_size, self.seed, self.batch = batch_size, seed, 0
+
+  def __iter__(self) -> "DistillPairs":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, jax.process_index(), self.batch])
+    self.batch += 1
+    out = {
+      name: np.zeros((self.batch_size, self.length), np.int32)
+      for name in ("tokens", "state", "segment_ids", "positions")
+    }
+    for row in range(self.batch_size):
+      n = int(rng.integers(len(self.pool)))
+      t = self.pool[n]
+      _, _, state, _ = self.states[n][int(rng.integers(len(self.states[n])))]
+      size = len(t.prompt) + state.size
+      out["tokens"][row, :size] = t.prompt + t.tokens[: state.size]
+      out["state"][row, :size] = np.concatenate([t.prompt, state])
+      out["segment_ids"][row, :size] = 1
+      out["positions"][row, :size] = np.arange(size)
+    return out
+
+  def get_state(self) -> dict[str, int]:
+    return {"batch": self.batch}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.batch = int(state["batch"])
+
+
+def selected_paths(pool_dir: str) -> list[str]:
+  """The selection file of a pool directory; a FileNotFoundError saying how to build it."""
+  path = os.path.join(pool_dir, SELECTED)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"distill.pool={pool_dir} has no {SELECTED}: build it with "
+      f"python -m sdiff_jax.trajectories --workdir=PRETRAINED --out={pool_dir}"
+    )
+  return [path]
+
+
 def _summary(bits: Sequence[float]) -> dict[str, float]:
   if not bits:
     return {"count": 0}

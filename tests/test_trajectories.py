@@ -147,7 +147,66 @@ def test_cli_builds_scores_selects_and_resumes(tmp_path, code_corpus_dir):
   assert "chunk 2/2" in again.stderr and "chunk 1/2" not in again.stderr
   assert os.stat(out / chunks[0]).st_mtime_ns == kept
 
+  # the distillation stage: from the pre-trained workdir, on the selected trajectories
+  distill = tiny_config(
+    code_corpus_dir, num_steps=2, checkpoint_every=2, eval_every=2, init_from=workdir
+  )
+  distill.distill.pool = str(out)
+  result = train.train_and_evaluate(distill, str(tmp_path / "distilled"))
+  assert np.isfinite(result.metrics["eval_mask_bits"])  # watched on the held-out ELBO
+  missing = tiny_config(code_corpus_dir, num_steps=1, init_from=workdir)
+  missing.distill.pool = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="python -m sdiff_jax.trajectories"):
+    train.train_and_evaluate(missing, str(tmp_path / "nothing"))
+
   causal = tiny_config(code_corpus_dir, attention="causal", num_steps=1, checkpoint_every=1)
   train.train_and_evaluate(causal, str(tmp_path / "ar"))
   refused = _cli(f"--workdir={tmp_path / 'ar'}", f"--out={tmp_path / 'x'}")
   assert refused.returncode == 2 and "trajectories need a diffusion model" in refused.stderr
+
+
+def test_distill_pairs_and_loss(code_corpus_dir, tmp_path):
+  """(state, final) rows agree wherever the state is committed; batches replay from the
+  iterator state; with f = identity the loss is the per-row mean NLL of the MASK inputs
+  (lambda = 1 / masked count) plus the weighted visible term, computed by hand."""
+  objective, params = _objective(code_corpus_dir)
+  rng = np.random.default_rng(1)
+  pool = [
+    trajectories.Trajectory(
+      n,
+      [tokenizer_lib.BOS_ID, 9, 10],
+      rng.integers(4, 64, 8).tolist(),
+      (rng.permutation(8) % 4).tolist(),
+      4,
+      {"steps_per_block": 4},
+      score_bits=1.0,
+    )
+    for n in range(3)
+  ]
+  path = str(tmp_path / trajectories.SELECTED)
+  trajectories._write(path, pool)
+  pairs = trajectories.DistillPairs([path], batch_size=4, seed=0, max_len=64)
+  first = next(pairs)
+  assert first["tokens"].shape == (4, 11)
+  real = first["segment_ids"] > 0
+  committed = real & (first["state"] != M)
+  np.testing.assert_array_equal(first["state"][committed], first["tokens"][committed])
+  assert np.any(real & (first["state"] == M))
+  pairs.set_state({"batch": 0})
+  np.testing.assert_array_equal(next(pairs)["state"], first["state"])
+  with pytest.raises(ValueError, match="exceed the model's context"):
+    trajectories.DistillPairs([path], batch_size=4, seed=0, max_len=8)
+
+  objective.config.distill.edit_alpha = 0.0
+  batch = {k: jnp.asarray(v) for k, v in first.items()}
+  loss, metrics = objective(params, batch, jax.random.key(0), "distill")
+  logits = objective.logits(params, batch["state"], batch).at[..., M].set(-jnp.inf)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][..., None], -1)[..., 0]
+  nll = np.asarray(nll) / math.log(2)
+  scored = real & (first["positions"] > 0)
+  masked = scored & (first["state"] == M)
+  rows = [nll[r][masked[r]].mean() for r in range(4) if masked[r].any()]
+  assert float(metrics["distill_masked_bits"]) == pytest.approx(np.mean(rows), rel=1e-4)
+  visible = nll[scored & ~masked].mean()
+  assert float(metrics["distill_visible_bits"]) == pytest.approx(visible, rel=1e-4)
+  assert float(loss) == pytest.approx(np.mean(rows) + 0.25 * visible, rel=1e-4)
