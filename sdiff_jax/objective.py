@@ -1,6 +1,6 @@
 """The training objectives of one config, as pure functions of (params, batch, key, stage).
 
-The curriculum stage (`config_lib.STAGES`) is "ar", "mask" or "mask+edit". By
+The curriculum stage (`config_lib.STAGES`) is "ar", "mask", "mask+edit" or "distill". By
 `config.attention`:
 * `bidirectional` / `block_causal`: the Seed Diffusion objective. The
   masked-diffusion ELBO (mask corruption at t ~ U(eps, 1), the denoiser's
@@ -11,6 +11,8 @@ The curriculum stage (`config_lib.STAGES`) is "ar", "mask" or "mask+edit". By
   stage (`curriculum.ar_fraction`, with `diffusion.shift`) trains the same
   parameters on the next-token loss under a causal mask first.
 * `causal`: the next-token loss of the autoregressive baseline (stage "ar").
+* "distill" (a run with `distill.pool`): constrained-order distillation on (state, final)
+  pairs of the model's own selected trajectories (`distill_loss`, `trajectories.py`).
 
 With `diffusion.shift` (bidirectional models), the output at position i-1 predicts the
 token at i, as in an AR model (Dream, DiffuCoder keep it when they adapt one): a

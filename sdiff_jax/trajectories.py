@@ -26,6 +26,13 @@ Records are JSON in ArrayRecord files (grain reads them with `ArrayRecordDataSou
 one file per chunk of prompts and process, `pool.p<process>.c<chunk>.array_record`,
 written to a temporary name and renamed, so an interrupted run resumes at the first
 missing chunk. Prompts are sharded by process (document index modulo process count).
+
+The "distill" training stage reads the selection (`DistillPairs`: a state of a kept
+trajectory and its final tokens per row; the loss is `Objective.distill_loss`):
+
+    python -m sdiff_jax.main --config=configs/quickstart.py --workdir=/tmp/distilled \
+        --config.train.init_from=/tmp/sdiff_quickstart --config.distill.pool=/tmp/pool \
+        --config.train.num_steps=300 --config.train.learning_rate=3e-4
 """
 
 import dataclasses
