@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.distill.pool = ""
   c.distill.edit_alpha = 0.05  # share of a state's tokens edited by f (edit_corrupt), fixed
   c.distill.visible_weight = 0.25  # weight of the re-check term at the state's visible tokens
+  # Weight of the pre-training objective (mask ELBO + edit term) on real training rows,
+  # added at every distill step: an anchor against collapse onto the pool (0: pairs only)
+  c.distill.anchor_weight = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -325,6 +328,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("curriculum.ar_fraction", cur.ar_fraction, "is for bidirectional models")
   if config.distill.pool and config.attention == "causal":
     _fail("distill.pool", config.distill.pool, "distillation is for diffusion models")
+  if config.distill.anchor_weight < 0:
+    _fail("distill.anchor_weight", config.distill.anchor_weight, "must not be negative")
   if not 0.0 <= config.distill.edit_alpha <= config.diffusion.alpha_max:
     _fail(
       "distill.edit_alpha",

@@ -175,9 +175,10 @@ class Objective:
   def distill_loss(
     self, params, batch: Batch, key: jax.Array, metrics: dict[str, jax.Array]
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Constrained-order distillation (Seed Diffusion Eq. 9) on (state, final) pairs:
-    `batch["state"]` is a state of a selected trajectory (MASK where not yet committed,
-    `trajectories.DistillPairs`), `tokens` the trajectory's final tokens.
+    """Constrained-order distillation (Seed Diffusion Eq. 9) on (state, final) pairs, the
+    batch's `pair_*` rows (`trajectories.WithPairs`): `pair_state` is a state of a selected
+    trajectory (MASK where not yet committed), `pair_tokens` its final tokens. Plus
+    `distill.anchor_weight` times the "mask+edit" loss of the batch's real rows.
 
     -lambda(x_i) log p(x0 | f(x_i)): f edits the state (`corruption.edit_corrupt`, a fixed
     share `distill.edit_alpha` of its tokens, MASK included) and the model predicts x0 at
@@ -186,10 +187,13 @@ class Objective:
     as the masked mean does. The visible tokens' mean NLL (the re-check of committed and
     edited tokens) is added with weight `distill.visible_weight`."""
     d = self.config.distill
+    edit_key, anchor_key = jax.random.split(key)
+    real = batch
+    batch = {name[5:]: value for name, value in batch.items() if name.startswith("pair_")}
     valid_BxL = self.scored(batch)
     rows = batch["tokens"].shape[0]
     edited = corruption.edit_corrupt_batch(
-      key,
+      edit_key,
       batch["state"],
       batch["segment_ids"],
       batch["positions"],
@@ -209,10 +213,14 @@ class Objective:
     masked_bits = (row_bits_B * has_B).sum() / jnp.maximum(has_B.sum(), 1) / losses.LN2
     visible_bits = losses.mean_bits(nll_BxL, valid_BxL & ~masked_BxL)
     loss = masked_bits + d.visible_weight * visible_bits
+    if d.anchor_weight > 0:
+      anchor, anchor_metrics = self(params, real, anchor_key, "mask+edit")
+      metrics.update(anchor_metrics, anchor_loss=anchor)
+      loss = loss + d.anchor_weight * anchor
     metrics.update(
       loss=loss,
       distill_masked_bits=masked_bits,
       distill_visible_bits=visible_bits,
-      mask_rate=masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1),
+      distill_mask_rate=masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1),
     )
     return loss, metrics

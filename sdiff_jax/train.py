@@ -326,15 +326,16 @@ def make_datasets(
   eval_ds = pipeline.make_dataset_from_config(
     data_config, tok, "validation", batch_size=rows, seed=config.seed
   )
-  if config.distill.pool:  # the "distill" stage trains on (state, final) pairs only
-    paths = trajectories.selected_paths(config.distill.pool)
-    return trajectories.DistillPairs(paths, rows, config.seed, config.data.seq_len), eval_ds
+  pool = config.distill.pool and trajectories.selected_paths(config.distill.pool)
   train_ds = sharding.chief_first(
     lambda: pipeline.make_dataset_from_config(
       data_config, tok, "train", batch_size=rows, seed=config.seed
     ),
     "data",
   )
+  if pool:  # the "distill" stage: (state, final) pairs beside the anchor's rows
+    pairs = trajectories.DistillPairs(pool, rows, config.seed, config.data.seq_len)
+    return trajectories.WithPairs(iter(train_ds), pairs), eval_ds
   return train_ds, eval_ds
 
 
@@ -404,13 +405,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   setup = TrainSetup.create(config, tok.vocab_size, mesh)
   train_step, eval_step = make_train_step(setup), make_eval_step(setup)
   train_ds, eval_ds = make_datasets(config, paths, tok)
-  train_iter = iter(train_ds)
+  train_iter = iter(train_ds)  # WithPairs is its own iterator
   mngr = checkpointing.manager(paths, config.train.keep_checkpoints)
   state = _initial_state(setup, mngr, train_iter)
 
   log = _Logger(config, paths)
-  if isinstance(train_ds, trajectories.DistillPairs):  # rows of the pool's length
-    log.tokens_per_step = config.train.batch_size * train_ds.length
+  if isinstance(train_ds, trajectories.WithPairs):  # + pair rows of the pool's length
+    log.tokens_per_step += config.train.batch_size * train_ds.pairs.length
   num_steps, step = config.train.num_steps, int(state.step)
   stages = ", ".join(
     f"{name} from step {start}" for name, start in config_lib.stage_starts(config).items()

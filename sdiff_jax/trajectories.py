@@ -318,6 +318,29 @@ class DistillPairs:
     self.batch = int(state["batch"])
 
 
+class WithPairs:
+  """Pre-training batches with `DistillPairs`' rows alongside (keys `pair_*`): what the
+  "distill" stage reads (the anchor's rows and the pairs); both resume from its state."""
+
+  def __init__(self, data, pairs: DistillPairs):
+    self.data, self.pairs = data, pairs
+
+  def __iter__(self) -> "WithPairs":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = dict(next(self.data))
+    batch.update({f"pair_{k}": v for k, v in next(self.pairs).items()})
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"data": self.data.get_state(), "pairs": self.pairs.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.data.set_state(state["data"])
+    self.pairs.set_state(state["pairs"])
+
+
 def selected_paths(pool_dir: str) -> list[str]:
   """The selection file of a pool directory; a FileNotFoundError saying how to build it."""
   path = os.path.join(pool_dir, SELECTED)

@@ -198,10 +198,12 @@ def test_distill_pairs_and_loss(code_corpus_dir, tmp_path):
     trajectories.DistillPairs([path], batch_size=4, seed=0, max_len=8)
 
   objective.config.distill.edit_alpha = 0.0
-  batch = {k: jnp.asarray(v) for k, v in first.items()}
+  objective.config.distill.anchor_weight = 0.0
+  clean = {k: jnp.asarray(first[k]) for k in ("tokens", "segment_ids", "positions")}
+  batch = {**clean, **{f"pair_{k}": jnp.asarray(v) for k, v in first.items()}}
   loss, metrics = objective(params, batch, jax.random.key(0), "distill")
-  logits = objective.logits(params, batch["state"], batch).at[..., M].set(-jnp.inf)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][..., None], -1)[..., 0]
+  logits = objective.logits(params, batch["pair_state"], clean).at[..., M].set(-jnp.inf)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), clean["tokens"][..., None], -1)[..., 0]
   nll = np.asarray(nll) / math.log(2)
   scored = real & (first["positions"] > 0)
   masked = scored & (first["state"] == M)
@@ -210,3 +212,9 @@ def test_distill_pairs_and_loss(code_corpus_dir, tmp_path):
   visible = nll[scored & ~masked].mean()
   assert float(metrics["distill_visible_bits"]) == pytest.approx(visible, rel=1e-4)
   assert float(loss) == pytest.approx(np.mean(rows) + 0.25 * visible, rel=1e-4)
+  # the anchor: the pre-training loss of the real rows, with its own key, added
+  objective.config.distill.anchor_weight = 2.0
+  anchored, metrics = objective(params, batch, jax.random.key(0), "distill")
+  anchor, _ = objective(params, clean, jax.random.split(jax.random.key(0))[1], "mask+edit")
+  assert float(metrics["anchor_loss"]) == pytest.approx(float(anchor), rel=1e-5)
+  assert float(anchored) == pytest.approx(float(loss) + 2.0 * float(anchor), rel=1e-5)
