@@ -154,6 +154,8 @@ def test_cli_builds_scores_selects_and_resumes(tmp_path, code_corpus_dir):
   distill.distill.pool = str(out)
   result = train.train_and_evaluate(distill, str(tmp_path / "distilled"))
   assert np.isfinite(result.metrics["eval_mask_bits"])  # watched on the held-out ELBO
+  distill.train.num_steps = 3  # resumes both streams (real rows and pairs) from step 2
+  assert int(train.train_and_evaluate(distill, str(tmp_path / "distilled")).state.step) == 3
   missing = tiny_config(code_corpus_dir, num_steps=1, init_from=workdir)
   missing.distill.pool = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="python -m sdiff_jax.trajectories"):
