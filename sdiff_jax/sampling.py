@@ -280,8 +280,7 @@ def _forward(
   Their K/V go to cache slots [write_at, write_at+T) (default: `start`). A token sees
   the row's non-pad slots before `start`, the slots of the input tokens that
   `visible_TxT` grants it (see `_visible`), and its own slot. Logits only of the input
-  tokens [outputs) (default: all): the unembedding is a large share of a small
-  forward's work.
+  tokens [outputs) (default: all): a forward samples from few of its tokens.
   """
   length = tokens_BxT.shape[1]
   write_at = start if write_at is None else write_at
