@@ -1,8 +1,11 @@
 """Test helpers importable without side effects (conftest sets XLA_FLAGS)."""
 
 import pathlib
+import subprocess
+import sys
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
 
 _TEMPLATE = '''"""Module {i}: small helpers."""
 
@@ -39,3 +42,14 @@ def tiny_config(source: str, attention: str = "bidirectional", **train_overrides
   c.attention = attention
   c.train.update(train_overrides)
   return c
+
+
+def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repository root, output captured as text."""
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )

@@ -4,22 +4,18 @@ end to end on tiny models."""
 import functools
 import json
 import math
-import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import run_module, tiny_config
 from sdiff_jax import train
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.evaluate import completions, infill, judge, nelbo, repair, validity
 from sdiff_jax.objective import Objective
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SOURCE = '''import os
 
@@ -132,13 +128,7 @@ def workdirs(tmp_path_factory, code_corpus_dir):
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "sdiff_jax.evaluate", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+  return run_module("sdiff_jax.evaluate", *args, timeout=timeout)
 
 
 def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):

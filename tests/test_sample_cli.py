@@ -4,15 +4,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from helpers import tiny_config
+from helpers import REPO, run_module, tiny_config
 from sdiff_jax import inference, train
 from sdiff_jax.data import tokenizer as tokenizer_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +31,7 @@ def workdir(tmp_path_factory, code_corpus_dir):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "sdiff_jax.sample", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return run_module("sdiff_jax.sample", *args, timeout=300)
 
 
 def test_cli_prints_completions_and_the_trajectory(workdir, tmp_path):

@@ -4,20 +4,18 @@ computation, selection, and the CLI end to end (resumable) on a tiny model."""
 import math
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import run_module, tiny_config
 from sdiff_jax import train, trajectories
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.objective import Objective
 
 M = tokenizer_lib.MASK_ID
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_states_replay_every_step():
@@ -98,14 +96,8 @@ def test_select_keeps_the_highest_bound_per_prompt():
     trajectories.select(pool, keep=0)
 
 
-def _cli(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "sdiff_jax.trajectories", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  return run_module("sdiff_jax.trajectories", *args, timeout=600)
 
 
 def test_cli_builds_scores_selects_and_resumes(tmp_path, code_corpus_dir):
