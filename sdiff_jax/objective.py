@@ -81,6 +81,23 @@ class Objective:
       logits_BxLxV = jnp.concatenate([logits_BxLxV[:, :1], logits_BxLxV[:, :-1]], axis=1)
     return logits_BxLxV
 
+  def edit_corrupt(
+    self, key: jax.Array, tokens_BxL: jax.Array, batch: Batch, alpha_B: jax.Array, **overrides
+  ) -> corruption.EditResult:
+    """`corruption.edit_corrupt_batch` of `tokens` at `batch`'s segments and positions,
+    with the config's edit window, alpha_max and op probabilities (`overrides` replace
+    them)."""
+    d = self.config.diffusion
+    settings = dict(
+      vocab_size=self.model_cfg.vocab_size,
+      window=d.edit_window,
+      alpha_max=d.alpha_max,
+      op_probs=tuple(d.edit_op_probs),
+    )
+    return corruption.edit_corrupt_batch(
+      key, tokens_BxL, batch["segment_ids"], batch["positions"], alpha_B, **settings | overrides
+    )
+
   def scored(self, batch: Batch) -> jax.Array:
     """bool[B, L]: the tokens the diffusion loss may mask and score."""
     valid_BxL = batch["segment_ids"] > 0
@@ -147,17 +164,7 @@ class Objective:
         edit_time_key, tokens_BxL.shape[0], eps=d.time_eps, antithetic=d.antithetic
       )
       batch, valid_BxL = edit_batch, self.scored(edit_batch)  # whole rows
-      edited = corruption.edit_corrupt_batch(
-        edit_key,
-        tokens_BxL,
-        seg_BxL,
-        batch["positions"],
-        self.alpha.alpha(s_B),
-        vocab_size=self.model_cfg.vocab_size,
-        window=d.edit_window,
-        alpha_max=d.alpha_max,
-        op_probs=tuple(d.edit_op_probs),
-      )
+      edited = self.edit_corrupt(edit_key, tokens_BxL, batch, self.alpha.alpha(s_B))
       edit_nll_BxL = losses.token_nll(
         self.logits(params, edited.tokens, batch), tokens_BxL, tokenizer_lib.MASK_ID
       )
@@ -192,17 +199,7 @@ class Objective:
     batch = {name[5:]: value for name, value in batch.items() if name.startswith("pair_")}
     valid_BxL = self.scored(batch)
     rows = batch["tokens"].shape[0]
-    edited = corruption.edit_corrupt_batch(
-      edit_key,
-      batch["state"],
-      batch["segment_ids"],
-      batch["positions"],
-      jnp.full((rows,), d.edit_alpha),
-      vocab_size=self.model_cfg.vocab_size,
-      window=self.config.diffusion.edit_window,
-      alpha_max=self.config.diffusion.alpha_max,
-      op_probs=tuple(self.config.diffusion.edit_op_probs),
-    )
+    edited = self.edit_corrupt(edit_key, batch["state"], batch, jnp.full((rows,), d.edit_alpha))
     nll_BxL = losses.token_nll(
       self.logits(params, edited.tokens, batch), batch["tokens"], tokenizer_lib.MASK_ID
     )

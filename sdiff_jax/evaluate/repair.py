@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdiff_jax import corruption, losses
+from sdiff_jax import losses
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.objective import Objective
 
@@ -33,18 +33,15 @@ KINDS = {"edit": None, "substitution": (1.0, 0.0, 0.0)}  # op_probs (None: the c
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _predict(objective: Objective, params, batch, key, kind: str, alpha: float):
   d = objective.config.diffusion
-  op_probs = KINDS[kind] or tuple(d.edit_op_probs)
+  overrides = {"op_probs": KINDS[kind]} if KINDS[kind] else {}
   rows = batch["tokens"].shape[0]
-  edited = corruption.edit_corrupt_batch(
+  edited = objective.edit_corrupt(
     key,
     batch["tokens"],
-    batch["segment_ids"],
-    batch["positions"],
+    batch,
     jnp.full((rows,), alpha),
-    vocab_size=objective.model_cfg.vocab_size,
-    window=d.edit_window,
     alpha_max=max(d.alpha_max, alpha),
-    op_probs=op_probs,
+    **overrides,
   )
   logits = objective.logits(params, edited.tokens, {**batch, "tokens": edited.tokens})
   logits = losses.suppress_token(logits, tokenizer_lib.MASK_ID)
