@@ -99,6 +99,43 @@ def default_config() -> ml_collections.ConfigDict:
   # added at every distill step: an anchor against collapse onto the pool (0: pairs only)
   c.distill.anchor_weight = 1.0
 
+  # On-policy step reduction (a stage of its own, from a trained workdir through
+  # train.init_from; sdiff_jax/onpolicy.py): with `enabled`, every step samples
+  # trajectories from the current model with the threshold sampler below, rewards each
+  # with verifier_weight * V(output) - length_weight * (the surrogate of its step count),
+  # and takes a REINFORCE step on them (leave-one-out baseline over the `samples`
+  # trajectories of a prompt), plus anchor_weight times the pre-training loss.
+  c.onpolicy = ml_collections.ConfigDict()
+  c.onpolicy.enabled = False
+  c.onpolicy.samples = 4  # trajectories per prompt; must divide train.batch_size
+  c.onpolicy.num_prompts = 256  # function prompts (def + docstring) of the training split
+  c.onpolicy.prompt_len = 64  # at most this many prompt tokens, BOS included (longer: skipped)
+  c.onpolicy.max_new_tokens = 64
+  c.onpolicy.steps_per_block = 8  # at most this many forwards per block ...
+  c.onpolicy.threshold = 0.5  # ... committing also every masked token above this confidence
+  c.onpolicy.temperature = 1.0  # 1: the policy is the model's own distribution
+  c.onpolicy.verifiers = "parse"  # comma-separated: parse | judge (V is their mean)
+  c.onpolicy.judge = ""  # causal workdir of the judge verifier
+  c.onpolicy.judge_bits = 6.0  # the judge passes completions at most this many bits/token
+  c.onpolicy.verifier_weight = 1.0
+  c.onpolicy.length_weight = 0.1
+  c.onpolicy.advantage_clip = 1.0  # advantages are clipped to [-clip, clip]
+  c.onpolicy.anchor_weight = 1.0  # pre-training loss on real rows, every step (0: none)
+
+  # The whole chain, `python -m sdiff_jax.pipeline`: pre-train (this config) -> trajectory
+  # pool and selection -> distill -> on-policy, each stage in its own workdir.
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.pool_prompts = 64
+  c.pipeline.pool_prompt_len = 64
+  c.pipeline.pool_max_new_tokens = 64
+  c.pipeline.pool_steps_per_block = (4, 8)
+  c.pipeline.pool_samples = 2
+  c.pipeline.keep = 1
+  c.pipeline.distill_steps = 100
+  c.pipeline.onpolicy_steps = 100
+  c.pipeline.learning_rate = 3e-4  # distill and on-policy stages
+  c.pipeline.warmup_steps = 10
+
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
   c.train.batch_size = 16  # global batch (rows of seq_len tokens)
@@ -336,6 +373,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.distill.edit_alpha,
       f"must be in [0, diffusion.alpha_max={config.diffusion.alpha_max}]",
     )
+  o = config.onpolicy
+  if o.enabled:
+    if config.attention == "causal":
+      _fail("onpolicy.enabled", True, "on-policy step reduction is for diffusion models")
+    if config.distill.pool:
+      _fail("onpolicy.enabled", True, "a run is either a distill or an on-policy stage")
+    if o.samples < 2 or config.train.batch_size % o.samples:
+      _fail(
+        "onpolicy.samples",
+        o.samples,
+        f"must be at least 2 (the baseline leaves one out) and divide "
+        f"train.batch_size={config.train.batch_size}",
+      )
+    if o.prompt_len + o.max_new_tokens > config.data.seq_len:
+      _fail(
+        "onpolicy.max_new_tokens",
+        o.max_new_tokens,
+        f"+ onpolicy.prompt_len={o.prompt_len} exceeds data.seq_len={config.data.seq_len}",
+      )
+    unknown = set(o.verifiers.split(",")) - {"parse", "judge"}
+    if unknown or not o.verifiers:
+      _fail("onpolicy.verifiers", o.verifiers, "must list parse and/or judge")
+    if "judge" in o.verifiers.split(",") and not o.judge:
+      _fail("onpolicy.judge", o.judge, "the judge verifier needs a causal workdir")
+    for name in ("length_weight", "verifier_weight", "anchor_weight", "advantage_clip"):
+      if o[name] < 0:
+        _fail(f"onpolicy.{name}", o[name], "must not be negative")
+    if not 0.0 <= o.threshold <= 1.0:
+      _fail("onpolicy.threshold", o.threshold, "must be in [0, 1]")
+    if o.temperature <= 0:
+      _fail("onpolicy.temperature", o.temperature, "must be positive (trajectories are sampled)")
   if not 0.0 <= config.diffusion.block_fraction <= 1.0:
     _fail("diffusion.block_fraction", config.diffusion.block_fraction, "must be in [0, 1]")
   if not 0.0 < config.diffusion.time_eps < 1.0:
@@ -367,7 +435,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f"mesh.{name}", size, "must be a positive size or -1 (the remaining devices)")
 
 
-STAGES = ("ar", "mask", "mask+edit", "distill")  # the curriculum's stages, in order
+STAGES = ("ar", "mask", "mask+edit", "distill", "onpolicy")  # the curriculum's stages, in order
 
 
 def stage_starts(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -377,6 +445,8 @@ def stage_starts(config: ml_collections.ConfigDict) -> dict[str, int]:
     return {"ar": 0}
   if config.distill.pool:
     return {"distill": 0}
+  if config.onpolicy.enabled:
+    return {"onpolicy": 0}
   ar_end = int(round(config.curriculum.ar_fraction * steps))
   edit = int(round(config.curriculum.edit_start_fraction * steps))
   ranges = {"ar": (0, ar_end), "mask": (ar_end, edit), "mask+edit": (edit, steps)}

@@ -128,6 +128,8 @@ class Objective:
 
     if stage == "distill":
       return self.distill_loss(params, batch, key, metrics)
+    if stage == "onpolicy":
+      return self.onpolicy_loss(params, batch, key, metrics)
 
     time_key, mask_key, edit_time_key, edit_key = jax.random.split(key, 4)
     d = self.config.diffusion
@@ -210,14 +212,47 @@ class Objective:
     masked_bits = (row_bits_B * has_B).sum() / jnp.maximum(has_B.sum(), 1) / losses.LN2
     visible_bits = losses.mean_bits(nll_BxL, valid_BxL & ~masked_BxL)
     loss = masked_bits + d.visible_weight * visible_bits
-    if d.anchor_weight > 0:
-      anchor, anchor_metrics = self(params, real, anchor_key, "mask+edit")
-      metrics.update(anchor_metrics, anchor_loss=anchor)
-      loss = loss + d.anchor_weight * anchor
+    loss = self._anchored(loss, d.anchor_weight, params, real, anchor_key, metrics)
     metrics.update(
-      loss=loss,
       distill_masked_bits=masked_bits,
       distill_visible_bits=visible_bits,
       distill_mask_rate=masked_BxL.sum() / jnp.maximum(valid_BxL.sum(), 1),
     )
     return loss, metrics
+
+  def onpolicy_loss(
+    self, params, batch: Batch, key: jax.Array, metrics: dict[str, jax.Array]
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """On-policy step reduction's REINFORCE loss (see onpolicy.py) on the batch's `pair_*`
+    rows (`onpolicy.Rollouts`): `pair_state` a state of a sampled trajectory, `pair_tokens`
+    the tokens it committed, `pair_weight` (advantage x the trajectory's steps /
+    max_new_tokens) at the tokens committed from that state, 0 elsewhere. The loss is
+    sum(weight * -log2 p(token | state)) / rows, so its gradient is minus the policy
+    gradient of the reward; plus `onpolicy.anchor_weight` times the "mask+edit" loss of
+    the batch's real rows."""
+    real = batch
+    batch = {name[5:]: value for name, value in batch.items() if name.startswith("pair_")}
+    # the state is also the clean half a block_causal model reads: no target leaks there
+    model_batch = {**batch, "tokens": batch["state"]}
+    nll_BxL = losses.token_nll(
+      self.logits(params, batch["state"], model_batch), batch["tokens"], tokenizer_lib.MASK_ID
+    )
+    weight_BxL = batch["weight"]
+    policy = (weight_BxL * nll_BxL).sum() / weight_BxL.shape[0] / losses.LN2
+    loss = self._anchored(policy, self.config.onpolicy.anchor_weight, params, real, key, metrics)
+    metrics.update(
+      onpolicy_policy_loss=policy,
+      # bits of the sampled tokens where they were committed: falls as the model sharpens
+      onpolicy_sampled_bits=losses.mean_bits(nll_BxL, weight_BxL != 0),
+    )
+    return loss, metrics
+
+  def _anchored(self, loss, weight: float, params, real: Batch, key, metrics) -> jax.Array:
+    """`loss` + weight x the "mask+edit" loss of the real rows (the likelihood anchor of
+    the distill and on-policy stages); sets metrics["loss"]."""
+    if weight > 0:
+      anchor, anchor_metrics = self(params, real, key, "mask+edit")
+      metrics.update(anchor_metrics, anchor_loss=anchor)
+      loss = loss + weight * anchor
+    metrics["loss"] = loss
+    return loss

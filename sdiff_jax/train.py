@@ -24,7 +24,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdiff_jax import checkpointing, config_lib, sharding, trajectories
+from sdiff_jax import checkpointing, config_lib, onpolicy, sharding, trajectories
 from sdiff_jax.data import pipeline, sources
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.metric_writer import MetricWriter, format_duration
@@ -339,6 +339,28 @@ def make_datasets(
   return train_ds, eval_ds
 
 
+def make_rollouts(
+  config: ml_collections.ConfigDict, workdir: checkpointing.Workdir, tok: tokenizer_lib.Tokenizer
+) -> onpolicy.Rollouts | None:
+  """The "onpolicy" stage's trajectory sampler (None in other runs)."""
+  if not config.onpolicy.enabled:
+    return None
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.tfds_data_dir = data_config.tfds_data_dir or workdir.tfds
+  texts = pipeline.load_texts(data_config, "train")
+  return onpolicy.Rollouts(config, tok, texts, config.train.batch_size // jax.process_count())
+
+
+# stage -> the train metrics the console line shows beside the loss: (key, label, digits)
+_SHOWN = {
+  "onpolicy": (
+    ("onpolicy_verified", "verified", 3),
+    ("onpolicy_steps", "steps", 1),
+    ("onpolicy_tokens_per_step", "tokens/step", 2),
+  )
+}
+
+
 class _Logger:
   """Averages the train metrics between logging steps; console (chief) and TensorBoard."""
 
@@ -378,8 +400,13 @@ class _Logger:
         "train/learning_rate": float(self.lr(step)),
       },
     )
+    shown = "".join(
+      f" | {label} {means[k]:.{digits}f}"
+      for k, label, digits in _SHOWN.get(stage, ())
+      if k in means
+    )
     self.print(
-      f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok | "
+      f"step {step}/{num_steps} [{stage}] loss {means['loss']:.4f} bits/tok{shown} | "
       f"{rate:,.0f} tok/s | ETA {format_duration(eta)}"
     )
     self.pending = []
@@ -405,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   setup = TrainSetup.create(config, tok.vocab_size, mesh)
   train_step, eval_step = make_train_step(setup), make_eval_step(setup)
   train_ds, eval_ds = make_datasets(config, paths, tok)
+  rollouts = make_rollouts(config, paths, tok)
   train_iter = iter(train_ds)  # WithPairs is its own iterator
   mngr = checkpointing.manager(paths, config.train.keep_checkpoints)
   state = _initial_state(setup, mngr, train_iter)
@@ -412,6 +440,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   log = _Logger(config, paths)
   if isinstance(train_ds, trajectories.WithPairs):  # + pair rows of the pool's length
     log.tokens_per_step += config.train.batch_size * train_ds.pairs.length
+  if rollouts is not None:  # + one policy-gradient row per trajectory
+    log.tokens_per_step += config.train.batch_size * rollouts.length
   num_steps, step = config.train.num_steps, int(state.step)
   stages = ", ".join(
     f"{name} from step {start}" for name, start in config_lib.stage_starts(config).items()
@@ -429,11 +459,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   with _Preemption() as preemption:
     while step < num_steps:
       stage = config_lib.stage_at(config, step)
-      state, metrics = train_step(
-        state, sharding.global_batch(next(train_iter), mesh), key, stage=stage
-      )
+      batch, rollout_metrics = next(train_iter), {}
+      if rollouts is not None:  # trajectories of the current parameters
+        pair_rows, rollout_metrics = rollouts(state.params, step)
+        batch = {**batch, **pair_rows}
+      state, metrics = train_step(state, sharding.global_batch(batch, mesh), key, stage=stage)
       step += 1
-      log.pending.append(metrics)
+      log.pending.append({**metrics, **rollout_metrics})
       last = step == num_steps
       log_now = step % config.train.log_every == 0 or last
       stop = preemption.stop_now(sync_point=log_now)
@@ -441,8 +473,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         _check_finite(state, config)
         log.train(step, stage)
       if step % config.train.eval_every == 0 or last:
-        # distillation is watched on the held-out data's diffusion loss
-        eval_stage = "mask+edit" if stage == "distill" else stage
+        # distillation and on-policy runs are watched on the held-out diffusion loss
+        eval_stage = "mask+edit" if stage in ("distill", "onpolicy") else stage
         last_eval = evaluate(eval_step, state.params, eval_ds, config, mesh, eval_stage)
         log.eval(step, last_eval)
         log.restart_clock()

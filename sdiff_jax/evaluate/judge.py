@@ -39,23 +39,22 @@ def unigram_entropy(ids: Sequence[int]) -> float:
   return float(-(p * np.log2(p)).sum())
 
 
-def judge(
+def completion_bits(
   judge_model: inference.Loaded,
   prompts: Sequence[str],
   completions: Sequence[str],
   chunk: int = 16,
-) -> dict[str, tuple[float, float]]:
-  """gen_ppl, judge bits/token (with a standard error over completions), unigram entropy."""
+) -> tuple[np.ndarray, np.ndarray]:
+  """(total bits, token count) of each completion given its prompt under the judge."""
   config = judge_model.config
   if config.attention != "causal":
     raise ValueError(f"the judge must be a causal (AR) model, not {config.attention!r}")
   objective = Objective(config, judge_model.tokenizer.vocab_size)
   length = config.data.seq_len
-  rows, spans, entropies = [], [], []
+  rows, spans = [], []
   for prompt, completion in zip(prompts, completions):
     head = [tokenizer_lib.BOS_ID] + judge_model.tokenizer.encode(prompt)
     tail = judge_model.tokenizer.encode(completion)
-    entropies.append(unigram_entropy(tail))
     ids = (head + tail)[-length:]  # a long prompt loses its beginning, never the completion
     first = max(len(ids) - len(tail), 1)
     rows.append(ids)
@@ -77,7 +76,18 @@ def judge(
       # token j of the row is predicted by output j - 1
       bits_per_row.append(bits[r, first - 1 : end - 1].sum())
       counts.append(end - first)
-  counts_arr, total_arr = np.array(counts, np.float64), np.array(bits_per_row, np.float64)
+  return np.array(bits_per_row, np.float64), np.array(counts, np.float64)
+
+
+def judge(
+  judge_model: inference.Loaded,
+  prompts: Sequence[str],
+  completions: Sequence[str],
+  chunk: int = 16,
+) -> dict[str, tuple[float, float]]:
+  """gen_ppl, judge bits/token (with a standard error over completions), unigram entropy."""
+  total_arr, counts_arr = completion_bits(judge_model, prompts, completions, chunk)
+  entropies = [unigram_entropy(judge_model.tokenizer.encode(c)) for c in completions]
   keep = counts_arr > 0
   mean_bits = float(total_arr[keep].sum() / max(counts_arr[keep].sum(), 1))
   _, se = validity.mean_se(total_arr[keep] / counts_arr[keep])
