@@ -122,19 +122,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.onpolicy.advantage_clip = 1.0  # advantages are clipped to [-clip, clip]
   c.onpolicy.anchor_weight = 1.0  # pre-training loss on real rows, every step (0: none)
 
-  # The whole chain, `python -m sdiff_jax.pipeline`: pre-train (this config) -> trajectory
+  # The whole chain, `python -m sdiff_jax.chain`: pre-train (this config) -> trajectory
   # pool and selection -> distill -> on-policy, each stage in its own workdir.
-  c.pipeline = ml_collections.ConfigDict()
-  c.pipeline.pool_prompts = 64
-  c.pipeline.pool_prompt_len = 64
-  c.pipeline.pool_max_new_tokens = 64
-  c.pipeline.pool_steps_per_block = (4, 8)
-  c.pipeline.pool_samples = 2
-  c.pipeline.keep = 1
-  c.pipeline.distill_steps = 100
-  c.pipeline.onpolicy_steps = 100
-  c.pipeline.learning_rate = 3e-4  # distill and on-policy stages
-  c.pipeline.warmup_steps = 10
+  c.chain = ml_collections.ConfigDict()
+  c.chain.pool_prompts = 64
+  c.chain.pool_prompt_len = 64
+  c.chain.pool_max_new_tokens = 64
+  c.chain.pool_steps_per_block = (4, 8)
+  c.chain.pool_samples = 2
+  c.chain.keep = 1
+  c.chain.distill_steps = 100
+  c.chain.onpolicy_steps = 100
+  c.chain.learning_rate = 3e-4  # distill and on-policy stages
+  c.chain.warmup_steps = 10
+  c.chain.eval_prompts = 32  # validity prompts per stage's evaluation (0: no evaluation)
+  c.chain.eval_heldout_rows = 64  # held-out rows of its ELBO
+  c.chain.eval_steps_per_block = (4,)  # beside the on-policy sampler's setting
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000

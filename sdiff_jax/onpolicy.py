@@ -29,7 +29,10 @@ Objective (the paper's Eq. 10, minimised): E_{prompt, tau ~ p_theta}[ |tau| - V(
   prompt: `evaluate.validity.score`) and "judge" (its bits per token under a causal
   judge workdir are at most `judge_bits`). A unit-test verifier plugs in the same way
   (`Verifier`), but training prompts carry no tests: not built.
-* Reward R = verifier_weight * V - length_weight * surrogate_steps. The verifier term
+* Reward R = verifier_weight * V - length_weight * surrogate_steps * max_new_tokens / G:
+  the surrogate is scaled to the full generation length, so that a trajectory that
+  stops early (EOS) does not look shorter (measured: unscaled, the mean generation
+  length fell with the step count). The verifier term
   has no gradient path but the samples, and the surrogate none either (it counts
   discrete commits), so both go through the log-derivative (REINFORCE) estimator:
 
@@ -218,7 +221,8 @@ class Rollouts:
     verdicts = np.mean(
       [v([self.prompts[n] for n in order], texts, ended) for v in self.verifiers], axis=0
     )
-    rewards = o.verifier_weight * verdicts - o.length_weight * np.array([r.surrogate for r in out])
+    length = np.array([r.surrogate * o.max_new_tokens / len(r.tokens) for r in out])
+    rewards = o.verifier_weight * verdicts - o.length_weight * length
     advantages = leave_one_out_advantages(rewards.reshape(-1, o.samples)).ravel()
     advantages = np.clip(advantages, -o.advantage_clip, o.advantage_clip)
     for r, v, reward, advantage in zip(out, verdicts, rewards, advantages):
@@ -254,6 +258,7 @@ class Rollouts:
     metrics = {
       "onpolicy_reward": float(np.mean([r.reward for r in rollouts])),
       "onpolicy_verified": float(np.mean([r.verified for r in rollouts])),
+      "onpolicy_generated": float(generated.mean()),
       "onpolicy_steps": float(steps.mean()),
       "onpolicy_tokens_per_step": float((generated / steps).mean()),
       "onpolicy_surrogate": float(np.mean([r.surrogate for r in rollouts])),

@@ -355,6 +355,7 @@ def make_rollouts(
 _SHOWN = {
   "onpolicy": (
     ("onpolicy_verified", "verified", 3),
+    ("onpolicy_generated", "tokens", 1),
     ("onpolicy_steps", "steps", 1),
     ("onpolicy_tokens_per_step", "tokens/step", 2),
   )

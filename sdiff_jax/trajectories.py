@@ -381,6 +381,16 @@ def select(pool: Sequence[Trajectory], keep: int) -> tuple[list[Trajectory], dic
   return kept, report
 
 
+def write_selection(out: str, keep: int) -> dict[str, Any]:
+  """Selects from every pool file in `out` into its selection file (`selected_paths`)
+  and `selection.json`; the report."""
+  kept, report = select(read(sorted(glob.glob(os.path.join(out, POOL_GLOB)))), keep)
+  _write(os.path.join(out, SELECTED), kept)
+  with open(os.path.join(out, "selection.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
 def _count(values) -> dict[str, int]:
   counts: dict[str, int] = {}
   for v in values:
@@ -419,11 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     build_pool(a.workdir, a.out, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     if jax.process_index() != 0:
       return
-    kept, report = select(read(sorted(glob.glob(os.path.join(a.out, POOL_GLOB)))), a.keep)
-    _write(os.path.join(a.out, SELECTED), kept)
-    with open(os.path.join(a.out, "selection.json"), "w") as f:
-      json.dump(report, f, indent=1)
-    print(json.dumps(report, indent=1))
+    print(json.dumps(write_selection(a.out, a.keep), indent=1))
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -130,7 +130,7 @@ def test_rollouts_rows_rewards_and_finite_gradients(code_corpus_dir):
     assert r.surrogate == pytest.approx(
       onpolicy.surrogate_steps(onpolicy.step_counts(r.commit_step, 16))
     )
-    assert r.reward == pytest.approx(r.verified - 0.1 * r.surrogate)
+    assert r.reward == pytest.approx(r.verified - 0.1 * r.surrogate * 16 / len(r.tokens))
   rewards = np.array([r.reward for r in sampled]).reshape(2, 4)
   clipped = np.clip(onpolicy.leave_one_out_advantages(rewards), -1, 1).ravel()
   np.testing.assert_allclose([r.advantage for r in sampled], clipped)
@@ -168,3 +168,25 @@ def test_onpolicy_run_trains_and_resumes(code_corpus_dir, tmp_path):
   config.train.num_steps = 6
   resumed = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert int(resumed.state.step) == 6
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("samples", 3, "divide train.batch_size"),
+    ("samples", 1, "at least 2"),
+    ("verifiers", "parse,tests", "parse and/or judge"),
+    ("verifiers", "judge", "needs a causal workdir"),
+    ("max_new_tokens", 64, "exceeds data.seq_len"),
+    ("temperature", 0.0, "must be positive"),
+    ("advantage_clip", -1.0, "must not be negative"),
+  ],
+)
+def test_bad_onpolicy_config_is_named(code_corpus_dir, field, value, message):
+  from sdiff_jax import config_lib
+
+  config = tiny_config(code_corpus_dir)
+  config.onpolicy.update(enabled=True, prompt_len=48, max_new_tokens=16)
+  config.onpolicy[field] = value
+  with pytest.raises(ValueError, match=f"onpolicy\\.\\w+.*{message}"):
+    config_lib.validate(config)
