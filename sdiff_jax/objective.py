@@ -225,11 +225,12 @@ class Objective:
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """On-policy step reduction's REINFORCE loss (see onpolicy.py) on the batch's `pair_*`
     rows (`onpolicy.Rollouts`): `pair_state` a state of a sampled trajectory, `pair_tokens`
-    the tokens it committed, `pair_weight` (advantage x the trajectory's steps /
-    max_new_tokens) at the tokens committed from that state, 0 elsewhere. The loss is
-    sum(weight * -log2 p(token | state)) / rows, so its gradient is minus the policy
-    gradient of the reward; plus `onpolicy.anchor_weight` times the "mask+edit" loss of
-    the batch's real rows."""
+    the tokens it committed, `pair_committed` marks the tokens committed from that state,
+    `pair_weight` is (advantage x the trajectory's steps / max_new_tokens) there, 0
+    elsewhere. The loss is sum(weight * -log2 p(token | state)) / rows, so its gradient is
+    minus the policy gradient of the reward; plus `onpolicy.kl_weight` times the KL
+    estimate to the starting model when the rows carry its NLL (`pair_reference_nll`), and
+    `onpolicy.anchor_weight` times the "mask+edit" loss of the batch's real rows."""
     real = batch
     batch = {name[5:]: value for name, value in batch.items() if name.startswith("pair_")}
     # the state is also the clean half a block_causal model reads: no target leaks there
@@ -237,14 +238,20 @@ class Objective:
     nll_BxL = losses.token_nll(
       self.logits(params, batch["state"], model_batch), batch["tokens"], tokenizer_lib.MASK_ID
     )
-    weight_BxL = batch["weight"]
+    o = self.config.onpolicy
+    weight_BxL, committed_BxL = batch["weight"], batch["committed"] > 0
     policy = (weight_BxL * nll_BxL).sum() / weight_BxL.shape[0] / losses.LN2
-    loss = self._anchored(policy, self.config.onpolicy.anchor_weight, params, real, key, metrics)
+    # bits of the sampled tokens where they were committed: fall as the model sharpens
     metrics.update(
-      onpolicy_policy_loss=policy,
-      # bits of the sampled tokens where they were committed: falls as the model sharpens
-      onpolicy_sampled_bits=losses.mean_bits(nll_BxL, weight_BxL != 0),
+      onpolicy_policy_loss=policy, onpolicy_sampled_bits=losses.mean_bits(nll_BxL, committed_BxL)
     )
+    if "reference_nll" in batch:  # KL(p_theta || p_start) at the sampled tokens (k3)
+      log_ratio_BxL = jnp.minimum(nll_BxL - batch["reference_nll"], 20.0)  # log p_start / p
+      kl_BxL = jnp.exp(log_ratio_BxL) - log_ratio_BxL - 1.0
+      kl = jnp.where(committed_BxL, kl_BxL, 0).sum() / jnp.maximum(committed_BxL.sum(), 1)
+      metrics["onpolicy_kl"] = kl  # nats per sampled token
+      policy = policy + o.kl_weight * kl
+    loss = self._anchored(policy, o.anchor_weight, params, real, key, metrics)
     return loss, metrics
 
   def _anchored(self, loss, weight: float, params, real: Batch, key, metrics) -> jax.Array:

@@ -24,11 +24,14 @@ Objective (the paper's Eq. 10, minimised): E_{prompt, tau ~ p_theta}[ |tau| - V(
   states: changes only turn MASK into tokens, an alignment must delete or substitute
   every MASK of the earlier state that the later one lacks, so no alignment beats the
   position-wise count (tested against a Levenshtein reference on replayed states).
-* V, pluggable verifiers with scores in [0, 1], averaged (`onpolicy.verifiers`):
-  "parse" (the completion, trimmed as the validity suite trims it, parses after its
-  prompt: `evaluate.validity.score`) and "judge" (its bits per token under a causal
-  judge workdir are at most `judge_bits`). A unit-test verifier plugs in the same way
-  (`Verifier`), but training prompts carry no tests: not built.
+* V, pluggable verifiers with scores in [0, 1], multiplied (every one must pass;
+  `onpolicy.verifiers`): "parse" (the completion, trimmed as the validity suite trims
+  it, parses after its prompt: `evaluate.validity.score`), "varied" (min(1, H / 
+  `min_entropy`), H the unigram entropy in bits of the completion's tokens: repetition
+  parses, and without this check the parse reward alone collapsed the model onto it,
+  measured) and "judge" (its bits per token under a causal judge workdir are at most
+  `judge_bits`). A unit-test verifier plugs in the same way (`Verifier`), but training
+  prompts carry no tests: not built.
 * Reward R = verifier_weight * V - length_weight * surrogate_steps * max_new_tokens / G:
   the surrogate is scaled to the full generation length, so that a trajectory that
   stops early (EOS) does not look shorter (measured: unscaled, the mean generation
@@ -46,27 +49,40 @@ Objective (the paper's Eq. 10, minimised): E_{prompt, tau ~ p_theta}[ |tau| - V(
   trajectory drawn uniformly from its K steps, weighted by K (unbiased), and the loss
   is divided by max_new_tokens (a constant). `Objective.onpolicy_loss` is the loss.
 * Guards against collapse: advantages clipped to [-advantage_clip, advantage_clip];
-  the likelihood anchor, anchor_weight times the pre-training loss (mask ELBO + edit
-  term) on real training rows at every step, which keeps the model a model of the data
-  while the policy term sharpens it; the mean unigram entropy of the completions is
-  logged (`onpolicy_entropy`: repetition shows there first).
+  a KL anchor to the starting model (train.init_from): kl_weight times the mean over
+  the policy rows' committed tokens of exp(d) - d - 1, d = log p_start(x) - log
+  p_theta(x), an unbiased, non-negative estimate of KL(p_theta || p_start) for tokens
+  sampled from p_theta (the start's log-probabilities come with the rows); the
+  likelihood anchor, anchor_weight times the pre-training loss (mask ELBO + edit term)
+  on real training rows at every step; the "varied" verifier; the mean unigram entropy
+  of the completions is logged (`onpolicy_entropy`: repetition shows there first).
 
 Runs on one process (sampling reads this process's rows only).
 """
 
 import dataclasses
+import functools
 from typing import Protocol, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from sdiff_jax import config_lib, inference, sampling, trajectories
+from sdiff_jax import config_lib, inference, losses, sampling, trajectories
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.evaluate import judge as judge_lib
 from sdiff_jax.evaluate import validity
+from sdiff_jax.objective import Objective
 
 FunctionPrompt = validity.FunctionPrompt
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_nll(objective: Objective, params, rows: dict[str, jax.Array]) -> jax.Array:
+  """float32[rows, L]: -log p(tokens | state) per position (nats)."""
+  model_batch = {**rows, "tokens": rows["state"]}
+  logits = objective.logits(params, rows["state"], model_batch)
+  return losses.token_nll(logits, rows["tokens"], tokenizer_lib.MASK_ID)
 
 
 def step_counts(commit_step: Sequence[int], block_size: int) -> list[int]:
@@ -130,9 +146,28 @@ class JudgeLikelihood:
     return ((bits / np.maximum(counts, 1) <= self.max_bits) & (counts > 0)).astype(np.float64)
 
 
-def make_verifiers(o: ml_collections.ConfigDict) -> list[Verifier]:
+class Varied:
+  """min(1, H / min_entropy), H the unigram entropy (bits) of the completion's tokens."""
+
+  name = "varied"
+
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, min_entropy: float):
+    self.tokenizer, self.min_entropy = tokenizer, min_entropy
+
+  def __call__(self, prompts, completions, ended):
+    entropy = np.array([judge_lib.unigram_entropy(self.tokenizer.encode(c)) for c in completions])
+    return np.minimum(1.0, entropy / self.min_entropy)
+
+
+def make_verifiers(
+  o: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
+) -> list[Verifier]:
   """The verifiers `onpolicy.verifiers` names."""
-  made = {"parse": Parses, "judge": lambda: JudgeLikelihood(o.judge, o.judge_bits)}
+  made = {
+    "parse": Parses,
+    "varied": lambda: Varied(tokenizer, o.min_entropy),
+    "judge": lambda: JudgeLikelihood(o.judge, o.judge_bits),
+  }
   return [made[name]() for name in o.verifiers.split(",")]
 
 
@@ -187,8 +222,10 @@ class Rollouts:
       max_new_tokens=o.max_new_tokens,
     )
     self.decoder = sampling.Decoder(config_lib.model_config(config, tokenizer.vocab_size))
-    self.verifiers = make_verifiers(o)
+    self.verifiers = make_verifiers(o, tokenizer)
     self.length = o.prompt_len + o.max_new_tokens
+    self.objective = Objective(config, tokenizer.vocab_size)
+    self.reference = None  # the KL anchor's parameters (set by the training loop)
 
   def sample(self, params, step: int) -> list[Rollout]:
     """The trajectories of step `step` (prompts and keys depend on the seed and step only)."""
@@ -218,7 +255,7 @@ class Rollouts:
       )
     ended = [r.tokens[-1] == tokenizer_lib.EOS_ID for r in out]
     texts = [r.text for r in out]
-    verdicts = np.mean(
+    verdicts = np.prod(
       [v([self.prompts[n] for n in order], texts, ended) for v in self.verifiers], axis=0
     )
     length = np.array([r.surrogate * o.max_new_tokens / len(r.tokens) for r in out])
@@ -237,6 +274,7 @@ class Rollouts:
       name: np.zeros(shape, np.int32) for name in ("state", "tokens", "segment_ids", "positions")
     }
     out["weight"] = np.zeros(shape, np.float32)
+    out["committed"] = np.zeros(shape, np.int32)
     for row, r in enumerate(rollouts):
       replay = list(trajectories.states(r.tokens, r.commit_step, self.settings.block_size))
       _, _, state, committed = replay[int(rng.integers(len(replay)))]
@@ -247,12 +285,16 @@ class Rollouts:
       out["positions"][row, :size] = np.arange(size)
       scale = r.advantage * len(replay) / self.options.max_new_tokens
       out["weight"][row, prompt:size] = np.where(committed, scale, 0.0)
+      out["committed"][row, prompt:size] = committed
     return out
 
   def __call__(self, params, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """(the step's `pair_*` rows, rollout metrics)."""
     rollouts = self.sample(params, step)
-    rows = {f"pair_{k}": v for k, v in self.rows_of(rollouts, step).items()}
+    rows = self.rows_of(rollouts, step)
+    if self.reference is not None:  # the KL anchor's model at the same states
+      rows["reference_nll"] = np.asarray(_token_nll(self.objective, self.reference, rows))
+    rows = {f"pair_{k}": v for k, v in rows.items()}
     generated = np.array([len(r.tokens) for r in rollouts], np.float64)
     steps = np.array([r.steps for r in rollouts], np.float64)
     metrics = {

@@ -437,6 +437,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_iter = iter(train_ds)  # WithPairs is its own iterator
   mngr = checkpointing.manager(paths, config.train.keep_checkpoints)
   state = _initial_state(setup, mngr, train_iter)
+  if rollouts is not None and config.onpolicy.kl_weight > 0:  # the KL anchor's model
+    source = checkpointing.Workdir(config.train.init_from)
+    rollouts.reference, _ = _params_from_workdir(setup, source)
 
   log = _Logger(config, paths)
   if isinstance(train_ds, trajectories.WithPairs):  # + pair rows of the pool's length
@@ -529,6 +532,14 @@ _SHAPE_FIELDS = (
 
 def _state_from_workdir(setup: TrainSetup, source: checkpointing.Workdir) -> TrainState:
   """A fresh state whose parameters are `source`'s latest (any attention mode)."""
+  params, note = _params_from_workdir(setup, source)
+  if jax.process_index() == 0:
+    print(note, flush=True)
+  return setup.state_from_params(params)
+
+
+def _params_from_workdir(setup: TrainSetup, source: checkpointing.Workdir) -> tuple[Any, str]:
+  """`source`'s latest parameters in this run's layout, and a line saying what was loaded."""
   theirs = source.read_config()
   ours = setup.config
   differ = [
@@ -554,12 +565,8 @@ def _state_from_workdir(setup: TrainSetup, source: checkpointing.Workdir) -> Tra
       params,
       fresh,
     )
-  if jax.process_index() == 0:
-    note = f"; freshly initialised: {', '.join(missing)}" if missing else ""
-    print(
-      f"Initialised from {source.path} (step {step}, {theirs.attention} model){note}", flush=True
-    )
-  return setup.state_from_params(params)
+  note = f"; freshly initialised: {', '.join(missing)}" if missing else ""
+  return params, f"Initialised from {source.path} (step {step}, {theirs.attention} model){note}"
 
 
 def _check_finite(state: TrainState, config: ml_collections.ConfigDict) -> None:

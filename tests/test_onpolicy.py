@@ -95,6 +95,7 @@ def test_reinforce_with_a_constant_reward_has_zero_expected_gradient(code_corpus
 
   def loss_of(w):
     pair = {"state": np.tile(state, (rows, 1)), "tokens": tokens, "weight": w}
+    pair["committed"] = (weight != 0).astype(np.int32)
     pair |= {
       "segment_ids": np.ones((rows, 7), np.int32),
       "positions": np.tile(np.arange(7), (rows, 1)),
@@ -145,6 +146,11 @@ def test_rollouts_rows_rewards_and_finite_gradients(code_corpus_dir):
   for row, r in enumerate(sampled):
     nonzero = weight[row][weight[row] != 0]
     np.testing.assert_allclose(nonzero, r.advantage * r.steps / 16, rtol=1e-6)
+  np.testing.assert_array_equal(rows["pair_committed"] > 0, weight != 0)  # no zero advantage
+  assert "pair_reference_nll" not in rows
+  # the KL anchor's model: the starting parameters give a zero KL
+  rollouts.reference = params
+  rows, _ = rollouts(params, step=0)
   real = {k: rows[f"pair_{k}"] for k in ("tokens", "segment_ids", "positions")}
   batch = {k: jnp.asarray(v) for k, v in {**rows, **real}.items()}
   config.onpolicy.anchor_weight = 1.0
@@ -152,16 +158,33 @@ def test_rollouts_rows_rewards_and_finite_gradients(code_corpus_dir):
     params, batch, jax.random.key(0), "onpolicy"
   )
   assert np.isfinite(float(loss)) and "anchor_loss" in metrics
+  assert float(metrics["onpolicy_kl"]) == pytest.approx(0.0, abs=1e-5)
   assert float(loss) == pytest.approx(
     float(metrics["onpolicy_policy_loss"]) + float(metrics["anchor_loss"]), rel=1e-5
   )
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  # away from the start the KL estimate is positive
+  moved = jax.tree.map(lambda p: p * 1.5, params)
+  _, metrics = objective(moved, batch, jax.random.key(0), "onpolicy")
+  assert float(metrics["onpolicy_kl"]) > 1e-4
+
+
+def test_verifiers():
+  from sdiff_jax.evaluate.validity import FunctionPrompt
+
+  prompt = FunctionPrompt('def f(x):\n    """Twice x."""', "    return 2 * x\n", "    ")
+  completions = ["\n    y = x + x\n    return y\n", "\n    return (((\n", "\n" + "    x\n" * 20]
+  np.testing.assert_array_equal(onpolicy.Parses()([prompt] * 3, completions, [True] * 3), [1, 0, 1])
+  varied = onpolicy.Varied(tokenizer_lib.ByteTokenizer(), min_entropy=2.0)(
+    [prompt] * 3, completions, [True] * 3
+  )
+  assert varied[0] == 1.0 and varied[2] < 0.7  # the repeated line: low unigram entropy
 
 
 def test_onpolicy_run_trains_and_resumes(code_corpus_dir, tmp_path):
   config = tiny_config(code_corpus_dir, num_steps=4, log_every=2, eval_every=4, checkpoint_every=2)
   config.onpolicy.update(
-    enabled=True, samples=4, prompt_len=48, max_new_tokens=16, steps_per_block=4
+    enabled=True, samples=4, prompt_len=48, max_new_tokens=16, steps_per_block=4, kl_weight=0.0
   )
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert result.metrics and np.isfinite(result.metrics["eval_loss"])
@@ -175,7 +198,8 @@ def test_onpolicy_run_trains_and_resumes(code_corpus_dir, tmp_path):
   [
     ("samples", 3, "divide train.batch_size"),
     ("samples", 1, "at least 2"),
-    ("verifiers", "parse,tests", "parse and/or judge"),
+    ("verifiers", "parse,tests", "some of parse, varied, judge"),
+    ("kl_weight", 0.5, "train.init_from, which is not set"),
     ("verifiers", "judge", "needs a causal workdir"),
     ("max_new_tokens", 64, "exceeds data.seq_len"),
     ("temperature", 0.0, "must be positive"),
@@ -186,7 +210,7 @@ def test_bad_onpolicy_config_is_named(code_corpus_dir, field, value, message):
   from sdiff_jax import config_lib
 
   config = tiny_config(code_corpus_dir)
-  config.onpolicy.update(enabled=True, prompt_len=48, max_new_tokens=16)
+  config.onpolicy.update(enabled=True, prompt_len=48, max_new_tokens=16, kl_weight=0.0)
   config.onpolicy[field] = value
   with pytest.raises(ValueError, match=f"onpolicy\\.\\w+.*{message}"):
     config_lib.validate(config)
