@@ -19,8 +19,9 @@ Stages 3 and 4 train at `chain.learning_rate` with `chain.warmup_steps`. Rerunni
 command resumes: finished stages are skipped, an interrupted one continues from its
 checkpoint. At the end each stage's model is evaluated (`chain.eval_prompts` validity
 prompts, 0 skips it) at the on-policy sampler's setting and at
-`chain.eval_steps_per_block`: held-out ELBO, parse rate and tokens per forward, as a
-table on stdout and rows in WORKDIR/chain.json.
+`chain.eval_steps_per_block`: held-out ELBO, parse rate, the completions' unigram
+entropy (repetition parses; real function bodies have ~4.9 bits) and tokens per forward,
+as a table on stdout and rows in WORKDIR/chain.json.
 """
 
 import json
@@ -119,7 +120,8 @@ def run(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-  """Stage x (held-out ELBO, parse rate and tokens per forward per sampler setting)."""
+  """Stage x (held-out ELBO; parse rate, completion entropy and tokens per forward per
+  sampler setting)."""
   settings = []
   for r in rows:
     if r["metric"] == "parses" and r["settings"] not in settings:
@@ -133,7 +135,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
   lines = [
     "| stage | held-out ELBO (bits/token) | "
-    + " | ".join(f"parses @ {label(s)}" for s in settings)
+    + " | ".join(f"parses, entropy @ {label(s)}" for s in settings)
     + " |",
     "|---" * (2 + len(settings)) + "|",
   ]
@@ -142,9 +144,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     elbo = [r for r in mine if r["suite"] == "nelbo" and r["metric"] == "bits_elbo"]
     cells = [f"{elbo[0]['value']:.3f} +- {elbo[0]['stderr']:.3f}" if elbo else "-"]
     for s in settings:
-      hit = [r for r in mine if r["metric"] == "parses" and r["settings"] == s]
+      hit = {r["metric"]: r for r in mine if r["suite"] == "validity" and r["settings"] == s}
       cells.append(
-        f"{hit[0]['value']:.2f} ({hit[0]['tokens_per_forward']:.2f} tok/fwd)" if hit else "-"
+        f"{hit['parses']['value']:.2f}, {hit['completion_entropy']['value']:.1f} bits "
+        f"({hit['parses']['tokens_per_forward']:.2f} tok/fwd)"
+        if hit
+        else "-"
       )
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -160,6 +160,9 @@ def test_cli_writes_every_suite_with_errors_and_speed(workdirs, tmp_path):
     judged = by[("judge", "gen_ppl", setting)]
     bits = by[("judge", "judge_bits", setting)]["value"]
     assert judged["value"] == pytest.approx(2**bits, rel=1e-6) and judged["n"] == 4
+    # both byte-level: the validity suite's completion entropy is the judge's
+    entropy = by[("validity", "completion_entropy", setting)]["value"]
+    assert entropy == pytest.approx(by[("judge", "unigram_entropy", setting)]["value"])
   # 16 tokens in one 16-token block: 4 steps commit 4 tokens a forward, 1 step all 16
   one = by[("validity", "parses", json.dumps({"steps_per_block": 1}))]["tokens_per_forward"]
   four = by[("validity", "parses", json.dumps({"steps_per_block": 4}))]["tokens_per_forward"]
