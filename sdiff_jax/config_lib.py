@@ -102,9 +102,10 @@ def default_config() -> ml_collections.ConfigDict:
   # On-policy step reduction (a stage of its own, from a trained workdir through
   # train.init_from; sdiff_jax/onpolicy.py): with `enabled`, every step samples
   # trajectories from the current model with the threshold sampler below, rewards each
-  # with verifier_weight * V(output) - length_weight * (the surrogate of its step count),
-  # and takes a REINFORCE step on them (leave-one-out baseline over the `samples`
-  # trajectories of a prompt), plus anchor_weight times the pre-training loss.
+  # with verifier_weight * V(output) - length_weight * (the surrogate of its step count,
+  # scaled to max_new_tokens), and takes a REINFORCE step on them (leave-one-out baseline
+  # over the `samples` trajectories of a prompt), plus kl_weight times a KL estimate to the
+  # starting model and anchor_weight times the pre-training loss.
   c.onpolicy = ml_collections.ConfigDict()
   c.onpolicy.enabled = False
   c.onpolicy.samples = 4  # trajectories per prompt; must divide train.batch_size

@@ -26,7 +26,7 @@ Objective (the paper's Eq. 10, minimised): E_{prompt, tau ~ p_theta}[ |tau| - V(
   position-wise count (tested against a Levenshtein reference on replayed states).
 * V, pluggable verifiers with scores in [0, 1], multiplied (every one must pass;
   `onpolicy.verifiers`): "parse" (the completion, trimmed as the validity suite trims
-  it, parses after its prompt: `evaluate.validity.score`), "varied" (min(1, H / 
+  it, parses after its prompt: `evaluate.validity.score`), "varied" (min(1, H /
   `min_entropy`), H the unigram entropy in bits of the completion's tokens: repetition
   parses, and without this check the parse reward alone collapsed the model onto it,
   measured) and "judge" (its bits per token under a causal judge workdir are at most
@@ -35,9 +35,9 @@ Objective (the paper's Eq. 10, minimised): E_{prompt, tau ~ p_theta}[ |tau| - V(
 * Reward R = verifier_weight * V - length_weight * surrogate_steps * max_new_tokens / G:
   the surrogate is scaled to the full generation length, so that a trajectory that
   stops early (EOS) does not look shorter (measured: unscaled, the mean generation
-  length fell with the step count). The verifier term
-  has no gradient path but the samples, and the surrogate none either (it counts
-  discrete commits), so both go through the log-derivative (REINFORCE) estimator:
+  length fell with the step count). The verifier term has no gradient path but the
+  samples, and the surrogate none either (it counts discrete commits), so both go
+  through the log-derivative (REINFORCE) estimator:
 
       grad E[R] = E[(R - b) grad log p_theta(tau)],
       log p_theta(tau) = sum over steps s, tokens i committed at s of log p_theta(x_i | tau_s)
@@ -188,8 +188,10 @@ class Rollout:
 
 class Rollouts:
   """Per training step: trajectories of the current parameters, their rewards and the
-  policy-gradient rows (`pair_state`, `pair_tokens`, `pair_weight`, `pair_segment_ids`,
-  `pair_positions`: int32 / float32 [rows, prompt_len + max_new_tokens])."""
+  policy-gradient rows, [rows, prompt_len + max_new_tokens] each: `pair_state`,
+  `pair_tokens`, `pair_segment_ids`, `pair_positions`, `pair_committed` (int32) and
+  `pair_weight` (float32; see `Objective.onpolicy_loss`), plus `pair_reference_nll`
+  (float32, nats) when `reference` holds the KL anchor's parameters."""
 
   def __init__(
     self,
