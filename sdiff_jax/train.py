@@ -315,13 +315,19 @@ def build_tokenizer(
   )
 
 
+def _data_config(config: ml_collections.ConfigDict, workdir: checkpointing.Workdir):
+  """config.data with TFDS ArrayRecords defaulting to the workdir."""
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.tfds_data_dir = data_config.tfds_data_dir or workdir.tfds
+  return data_config
+
+
 def make_datasets(
   config: ml_collections.ConfigDict, workdir: checkpointing.Workdir, tok: tokenizer_lib.Tokenizer
 ):
   """(training, validation) datasets of this process's rows; ArrayRecords (tfds) default
   to the workdir."""
-  data_config = ml_collections.ConfigDict(config.data.to_dict())
-  data_config.tfds_data_dir = data_config.tfds_data_dir or workdir.tfds
+  data_config = _data_config(config, workdir)
   rows = config.train.batch_size // jax.process_count()
   eval_ds = pipeline.make_dataset_from_config(
     data_config, tok, "validation", batch_size=rows, seed=config.seed
@@ -345,8 +351,7 @@ def make_rollouts(
   """The "onpolicy" stage's trajectory sampler (None in other runs)."""
   if not config.onpolicy.enabled:
     return None
-  data_config = ml_collections.ConfigDict(config.data.to_dict())
-  data_config.tfds_data_dir = data_config.tfds_data_dir or workdir.tfds
+  data_config = _data_config(config, workdir)
   texts = pipeline.load_texts(data_config, "train")
   return onpolicy.Rollouts(config, tok, texts, config.train.batch_size // jax.process_count())
 

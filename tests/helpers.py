@@ -44,6 +44,23 @@ def tiny_config(source: str, attention: str = "bidirectional", **train_overrides
   return c
 
 
+def shifted_objective(source, **diffusion):
+  """A tiny bidirectional model with the shifted prediction and `read_next` (Objective,
+  vocab 64) and its parameters, perturbed so that every term, read_next's included, is
+  non-zero; `diffusion` overrides config.diffusion fields."""
+  import jax
+
+  from sdiff_jax.objective import Objective
+
+  config = tiny_config(source)
+  config.diffusion.shift = config.model.read_next = True
+  config.diffusion.update(diffusion)
+  objective = Objective(config, 64)
+  params = objective.init_params(jax.random.key(0), config.data.seq_len)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  return objective, params
+
+
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
   """`python -m module args...` from the repository root, output captured as text."""
   return subprocess.run(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import shifted_objective, tiny_config
 from sdiff_jax import onpolicy, train, trajectories
 from sdiff_jax.data import sources
 from sdiff_jax.data import tokenizer as tokenizer_lib
@@ -68,20 +68,11 @@ def test_leave_one_out_baseline():
   np.testing.assert_allclose(got, [[1.0, -1 / 3, -1 / 3, -1 / 3]])
 
 
-def _objective(code_corpus_dir):
-  config = tiny_config(code_corpus_dir)
-  config.diffusion.shift = config.model.read_next = True
-  config.onpolicy.anchor_weight = 0.0
-  objective = Objective(config, 64)
-  params = objective.init_params(jax.random.key(0), config.data.seq_len)
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
-  return objective, params
-
-
 def test_reinforce_with_a_constant_reward_has_zero_expected_gradient(code_corpus_dir):
   """Every value x of one committed position, weighted by its probability p(x | state):
   sum_x p(x) c grad(-log p(x)) = -c grad sum_x p(x) = 0, through the real loss."""
-  objective, params = _objective(code_corpus_dir)
+  objective, params = shifted_objective(code_corpus_dir)
+  objective.config.onpolicy.anchor_weight = 0.0
   state = np.array([tokenizer_lib.BOS_ID, 9, 10, 11, M, M, M], np.int32)
   batch = {"segment_ids": jnp.ones((1, 7), jnp.int32), "positions": jnp.arange(7)[None]}
   logits = objective.logits(params, jnp.asarray(state[None]), {**batch, "tokens": state[None]})

@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import run_module, tiny_config
+from helpers import run_module, shifted_objective, tiny_config
 from sdiff_jax import train, trajectories
 from sdiff_jax.data import tokenizer as tokenizer_lib
-from sdiff_jax.objective import Objective
 
 M = tokenizer_lib.MASK_ID
 
@@ -32,19 +31,8 @@ def test_states_replay_every_step():
     list(trajectories.states([10, 11], [0, -1], block_size=4))
 
 
-def _objective(code_corpus_dir):
-  config = tiny_config(code_corpus_dir)
-  config.diffusion.shift = config.model.read_next = True
-  config.diffusion.block_size = 4
-  objective = Objective(config, 64)
-  params = objective.init_params(jax.random.key(0), config.data.seq_len)
-  # a non-zero read_next term, so the test sees it
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
-  return objective, params
-
-
 def test_score_matches_a_direct_computation(code_corpus_dir):
-  objective, params = _objective(code_corpus_dir)
+  objective, params = shifted_objective(code_corpus_dir, block_size=4)
   rng = np.random.default_rng(0)
   pool = []
   for n, (prompt_len, gen_len) in enumerate([(5, 7), (9, 4), (3, 8)]):
@@ -163,7 +151,7 @@ def test_distill_pairs_and_loss(code_corpus_dir, tmp_path):
   """(state, final) rows agree wherever the state is committed; batches replay from the
   iterator state; with f = identity the loss is the per-row mean NLL of the MASK inputs
   (lambda = 1 / masked count) plus the weighted visible term, computed by hand."""
-  objective, params = _objective(code_corpus_dir)
+  objective, params = shifted_objective(code_corpus_dir, block_size=4)
   rng = np.random.default_rng(1)
   pool = [
     trajectories.Trajectory(
