@@ -62,6 +62,13 @@ ones already cached), and the block's logits are the outputs from that token on;
 fold's first forward already holds it. One more token per forward, no more
 forwards. Not with `suffix_mask` or `last_forward`.
 
+Attention windows: a forward's queries see no cache slot past the last one filled by
+then, so the generation runs as `cache_windows` consecutive loops (blocks, or AR tokens,
+split evenly), each compiled with a static window: its forwards attend over the slots
+[0, end of the loop's last block) only, not the whole cache (the model reads as many
+slots as the mask has). Same tokens as one window; a loop per window to compile. Not
+with `suffix_mask` or `last_forward`, whose forwards read slots past the buffer.
+
 `block_size=1` with `cache_mode="fold"` decodes a `bidirectional` model token by
 token in one 2-token forward a token (`recompute`: two forwards a token). AR
 (`causal`): prefill, then one token per forward, with the same masks, sampling,
@@ -109,6 +116,9 @@ class Settings:
   suffix_mask: bool = False  # bidirectional models: forwards also see the rest as MASK
   suppress_eos: bool = False  # rows never end (benchmarks: every row generates max_new_tokens)
   shift: bool = False  # the model's output at i-1 predicts token i (diffusion.shift)
+  # static attention windows the generation is split into (see the module docstring);
+  # 0: one per 128 generated tokens, at most 4
+  cache_windows: int = 0
 
   def validate(self) -> None:
     """Raises ValueError naming the first bad field."""
@@ -126,6 +136,7 @@ class Settings:
       ("temperature", self.temperature >= 0.0, "must not be negative"),
       ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
       ("correction_threshold", 0.0 <= self.correction_threshold <= 1.0, "must be in [0, 1]"),
+      ("cache_windows", self.cache_windows >= 0, "must not be negative (0: automatic)"),
       (
         "suffix_mask",
         not self.suffix_mask or self.attention == "bidirectional",
@@ -267,7 +278,7 @@ def _forward(
   decoder: Decoder,
   params,
   pad_B: jax.Array,
-  num_slots: int,
+  slots: int,
   cache: KVCache,
   tokens_BxT: jax.Array,
   start: jax.Array,
@@ -280,15 +291,17 @@ def _forward(
   Their K/V go to cache slots [write_at, write_at+T) (default: `start`). A token sees
   the row's non-pad slots before `start`, the slots of the input tokens that
   `visible_TxT` grants it (see `_visible`), and its own slot. Logits only of the input
-  tokens [outputs) (default: all): a forward samples from few of its tokens.
+  tokens [outputs) (default: all): a forward samples from few of its tokens. Its queries
+  attend over the cache's first `slots` slots only (the attention window), which must
+  hold every slot they may see.
   """
   length = tokens_BxT.shape[1]
   write_at = start if write_at is None else write_at
-  offset_S = jnp.arange(num_slots) - write_at  # index in the input of the token at the slot
+  offset_S = jnp.arange(slots) - write_at  # index in the input of the token at the slot
   granted_TxS = jnp.take(visible_TxT, jnp.clip(offset_S, 0, length - 1), axis=1) & (
     (offset_S >= 0) & (offset_S < length)
   )
-  slot_S = jnp.arange(num_slots)
+  slot_S = jnp.arange(slots)
   mask_BxTxS = ((slot_S < start)[None, :] | granted_TxS)[None] & (
     slot_S >= pad_B[:, None, None]
   ) | (offset_S[None, :] == jnp.arange(length)[:, None])[None]  # a pad query sees itself
@@ -463,6 +476,13 @@ class _Plan:
     return self.forward(cache, tokens_BxT, start, visible_TxT, write_at, outputs)
 
 
+def _window_ends(units: int, s: Settings) -> list[int]:
+  """Where the generation's attention windows end, in `units` (blocks, or AR tokens)."""
+  count = s.cache_windows or min(4, max(1, s.max_new_tokens // 128))
+  count = min(count, units)
+  return sorted({math.ceil(units * (i + 1) / count) for i in range(count)})
+
+
 def _block_generate(
   decoder: Decoder, s: Settings, params, prompt_BxP: jax.Array, pad_B: jax.Array, key: jax.Array
 ) -> Generation:
@@ -479,11 +499,14 @@ def _block_generate(
   # denoising forward, whatever the other rows of the batch still do.
   scratch = prompt_len + buffer if mode == "last_forward" else None
   num_slots = prompt_len + buffer + suffix + (size if scratch is not None else 0)
-  forward = functools.partial(_forward, decoder, params, pad_B, num_slots)
   end = prompt_len + s.max_new_tokens
-  plan = _Plan(forward, s, mode, prompt_len, suffix, end, scratch, prompt_BxP[:, -1:])
+  windowed = not suffix and scratch is None  # else forwards read slots past the buffer
 
-  prefill = dataclasses.replace(plan, suffix=buffer if s.suffix_mask else 0)
+  def plan_seeing(slots: int) -> _Plan:  # forwards whose queries see slots [0, slots)
+    forward = functools.partial(_forward, decoder, params, pad_B, slots if windowed else num_slots)
+    return _Plan(forward, s, mode, prompt_len, suffix, end, scratch, prompt_BxP[:, -1:])
+
+  prefill = dataclasses.replace(plan_seeing(prompt_len), suffix=buffer if s.suffix_mask else 0)
   _, cache = prefill.run(
     decoder.init_cache(batch, num_slots), [prompt_BxP], 0, causal=mode == "exact", outputs=(0, 0)
   )
@@ -496,11 +519,13 @@ def _block_generate(
     nfe=jnp.int32(1),
     block_steps_J=jnp.zeros((num_blocks,), jnp.int32),
   )
-  final = jax.lax.while_loop(
-    lambda state: (state.block < num_blocks) & ~jnp.all(state.ended_B),
-    functools.partial(_generate_block, plan=plan, key=key),
-    init,
-  )
+  final = init
+  for last in _window_ends(num_blocks, s) if windowed else [num_blocks]:
+    final = jax.lax.while_loop(
+      lambda state, last=last: (state.block < last) & ~jnp.all(state.ended_B),
+      functools.partial(_generate_block, plan=plan_seeing(prompt_len + last * size), key=key),
+      final,
+    )
   return _finish(
     final.tokens_BxN, final.commit_BxN, final.block_steps_J, final.nfe, s.max_new_tokens
   )
@@ -663,9 +688,10 @@ def _ar_generate(
   """The prefill samples token 0, then `_ar_step` until every row has ended (or G tokens)."""
   batch, prompt_len = prompt_BxP.shape
   num_new = s.max_new_tokens
-  forward = functools.partial(_forward, decoder, params, pad_B, prompt_len + num_new)
+  # forwards whose queries see slots [0, slots)
+  seeing = lambda slots: functools.partial(_forward, decoder, params, pad_B, slots)
 
-  logits_Bx1xV, cache = forward(
+  logits_Bx1xV, cache = seeing(prompt_len)(
     decoder.init_cache(batch, prompt_len + num_new),
     prompt_BxP,
     0,
@@ -681,11 +707,15 @@ def _ar_generate(
     tokens_BxG=tokens_BxG,
     ended_B=token_Bx1[:, 0] == EOS,
   )
-  final = jax.lax.while_loop(
-    lambda state: (state.step < num_new) & ~jnp.all(state.ended_B),
-    functools.partial(_ar_step, forward=forward, s=s, key=key, prompt_len=prompt_len),
-    init,
-  )
+  final = init
+  for last in _window_ends(num_new, s):  # step t reads slots [0, P + t)
+    final = jax.lax.while_loop(
+      lambda state, last=last: (state.step < last) & ~jnp.all(state.ended_B),
+      functools.partial(
+        _ar_step, forward=seeing(prompt_len + last - 1), s=s, key=key, prompt_len=prompt_len
+      ),
+      final,
+    )
   commit_BxG = jnp.broadcast_to(jnp.arange(num_new, dtype=jnp.int32), (batch, num_new))
   return _finish(final.tokens_BxG, commit_BxG, jnp.zeros((0,), jnp.int32), final.step, num_new)
 

@@ -393,7 +393,9 @@ def _unseen(settings):
     for r in records:
       own_S = np.zeros(r["cache"].shape[1], bool)
       own_S[r["index"] : r["index"] + r["tokens"].shape[1]] = True
-      read_S = r["mask"][row].any(axis=0) & ~own_S
+      read_S = np.zeros_like(own_S)  # the mask covers the forward's attention window
+      read_S[: r["mask"].shape[2]] = r["mask"][row].any(axis=0)
+      read_S &= ~own_S
       for slot in np.flatnonzero(read_S[prompt_len : prompt_len + len(final_G)]):
         if r["cache"][row, prompt_len + slot] != final_G[slot]:
           stale.add((row, int(slot)))
@@ -427,6 +429,23 @@ def test_every_committed_token_is_read_by_later_forwards(settings, cache_mode, s
     assert never_input and never_input <= stale
   else:
     assert never_input == set() and stale == set()
+
+
+def test_attention_windows_hold_what_each_forward_reads_and_change_nothing():
+  """Four windows over four blocks: each forward's queries attend over the slots up to its
+  block's end only (the prefill, always: the prompt), and the tokens, NFE and reads are those
+  of one window over the whole cache."""
+  settings = dataclasses.replace(RECORDED_SETTINGS[0], cache_windows=4)
+  gen, records, prompt_len, _ = _recorded_run(settings)
+  size, widths = settings.block_size, [r["mask"].shape[2] for r in records]
+  assert widths[0] == prompt_len and widths == sorted(widths)
+  assert sorted(set(widths[1:])) == [prompt_len + size * j for j in (1, 2, 3, 4)]
+  assert all(r["index"] + r["tokens"].shape[1] <= r["mask"].shape[2] for r in records)
+  one, one_records, _, _ = _recorded_run(dataclasses.replace(settings, cache_windows=1))
+  assert {r["mask"].shape[2] for r in one_records[1:]} == {one_records[0]["cache"].shape[1]}
+  np.testing.assert_array_equal(gen.tokens, one.tokens)
+  assert int(gen.nfe) == int(one.nfe)
+  assert _unseen(settings) == (set(), set())
 
 
 def _own_masks(records, length):
@@ -592,6 +611,22 @@ def test_one_block_after_a_prompt_shorter_than_the_block(params):
     gen = _generate(params, PROMPTS, s)
     for row, prompt in enumerate(PROMPTS):
       np.testing.assert_array_equal(gen.tokens[row], _reference_bidirectional(params, prompt, s)[0])
+
+
+@pytest.mark.parametrize(
+  "settings",
+  [
+    dataclasses.replace(REFERENCE_SETTINGS, shift=True),
+    dataclasses.replace(REFERENCE_SETTINGS, cache_mode="recompute", temperature=1.0),
+    Settings(attention="block_causal", max_new_tokens=20, block_size=8, steps_per_block=4),
+    Settings(attention="causal", max_new_tokens=12, temperature=1.0),
+  ],
+)
+def test_attention_windows_equal_one_window_on_a_real_model(params, settings):
+  one = _generate(params, PROMPTS, dataclasses.replace(settings, cache_windows=1))
+  three = _generate(params, PROMPTS, dataclasses.replace(settings, cache_windows=3))
+  for name in ("tokens", "commit_step", "block_steps", "nfe"):
+    np.testing.assert_array_equal(getattr(three, name), getattr(one, name))
 
 
 @pytest.mark.parametrize("settings", RECORDED_SETTINGS[:2])

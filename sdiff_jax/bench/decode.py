@@ -54,6 +54,12 @@ _CACHE_MODE = flags.DEFINE_list(
 _SUFFIX_MASK = flags.DEFINE_bool(
   "suffix_mask", False, "Bidirectional block rows: forwards also see the rest as MASK."
 )
+_WINDOWS = flags.DEFINE_list(
+  "cache_windows",
+  ["0"],
+  "Attention windows per generation (sampling.Settings.cache_windows; 0: automatic); "
+  "several compare: speedups are against the AR row of the same value.",
+)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row; the median is reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
@@ -160,6 +166,7 @@ _COLUMNS = (  # header, key, format
   ("block", "block_size", "{}"),
   ("steps/block", "steps_per_block", "{}"),
   ("cache", "cache_mode", "{}"),
+  ("windows", "cache_windows", "{}"),
   ("tokens/s", "tokens_per_s", "{:,.1f}"),
   ("speedup vs AR", "speedup_vs_ar", "{:.2f}x"),
   ("NFE", "nfe", "{}"),
@@ -212,19 +219,22 @@ def main(argv):
   rows = []
   print(markdown_header())
   for batch in map(int, _BATCH.value):
-    settings = [dataclasses.replace(base, attention="causal")] + [
-      dataclasses.replace(
-        base,
-        attention=attention,
-        shift=bool(config.diffusion.shift) and attention == "bidirectional",
-        cache_mode=cache_mode,
-        suffix_mask=_SUFFIX_MASK.value,
-        block_size=_BLOCK_SIZE.value,
-        steps_per_block=int(steps),
-      )
-      for steps in _STEPS.value
-      for cache_mode in _CACHE_MODE.value
-    ]
+    settings = []
+    for windows in map(int, _WINDOWS.value):
+      per = dataclasses.replace(base, cache_windows=windows)
+      settings += [dataclasses.replace(per, attention="causal")] + [
+        dataclasses.replace(
+          per,
+          attention=attention,
+          shift=bool(config.diffusion.shift) and attention == "bidirectional",
+          cache_mode=cache_mode,
+          suffix_mask=_SUFFIX_MASK.value,
+          block_size=_BLOCK_SIZE.value,
+          steps_per_block=int(steps),
+        )
+        for steps in _STEPS.value
+        for cache_mode in _CACHE_MODE.value
+      ]
     results = time_settings(
       decoder,
       params,
@@ -234,9 +244,10 @@ def main(argv):
       warmup=_WARMUP.value,
       repeats=_REPEATS.value,
     )
-    ar_tokens_per_s = results[0]["tokens_per_s"]
     for s, result in zip(settings, results):
       block = s.attention != "causal"
+      if not block:
+        ar_tokens_per_s = result["tokens_per_s"]  # the AR row leads its windows' rows
       row = {
         "mode": "block" if block else "ar",
         "batch": batch,
@@ -245,6 +256,7 @@ def main(argv):
         "suffix_mask": s.suffix_mask if block else None,
         "block_size": s.block_size if block else None,
         "steps_per_block": s.steps_per_block if block else None,
+        "cache_windows": s.cache_windows,
         **result,
         "speedup_vs_ar": result["tokens_per_s"] / ar_tokens_per_s,
         **common,

@@ -3,7 +3,8 @@
 One module serves every attention mode: the caller passes the boolean
 attention mask (see `attention_masks`). Decoding passes an explicit KV cache
 pytree: the new keys/values are written at `cache_index` and the queries
-attend over the whole cache, so the mask is then `[B, T, S_cache]`.
+attend over the cache's first S slots, S the mask's last axis (`[B, T, S]`, S <= the
+cache's length: a decoder skips the slots not filled yet).
 
 The layers are one `nn.scan` (training): every layer parameter has a leading
 `layers` axis. Decoding unrolls them (`scan_layers=False`, parameters split
@@ -224,7 +225,9 @@ class Attention(nn.Module):
         name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
         for name, new in (("k", k_BxTxKxDh), ("v", v_BxTxKxDh))
       }
-      k_BxSxKxDh, v_BxSxKxDh = cache["k"][layer], cache["v"][layer]
+      # a mask narrower than the cache: the queries see its first slots only
+      slots = mask_BxTxS.shape[-1]
+      k_BxSxKxDh, v_BxSxKxDh = cache["k"][layer][:, :slots], cache["v"][layer][:, :slots]
     else:
       k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
     out_BxTxHxDh = attention(
