@@ -34,7 +34,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdiff_jax import checkpointing, config_lib, train, trajectories
+from sdiff_jax import checkpointing, config_lib, sharding, train, trajectories
 from sdiff_jax.evaluate import run as evaluate_lib
 
 TRAINED = ("pretrain", "distill", "onpolicy")
@@ -87,11 +87,13 @@ def run(
     if name == "pool":
       out = os.path.join(root, "pool")
       trajectories.build_pool(os.path.join(root, "pretrain"), out, _pool_options(config), log=log)
+      sharding.barrier("every process wrote its trajectories")  # process 0 selects from all
       if jax.process_index() == 0:
         report = trajectories.write_selection(out, config.chain.keep)
         log(
           f"selected {report['kept']['count']} of {report['kept']['count'] + report['dropped']['count']} trajectories"
         )
+      sharding.barrier("process 0 wrote the selection")  # which distill reads
       continue
     result = train.train_and_evaluate(configs[name], os.path.join(root, name))
     if result.preempted:

@@ -99,13 +99,19 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
 
+def barrier(what: str) -> None:
+  """Waits until every process has reached it (one process: returns at once)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"sdiff_jax: {what}")
+
+
 def chief_first(build: Callable[[], Any], what: str) -> Any:
   """`build()` on process 0, then on the others once it has finished: files it writes
   to a shared workdir (tokenizer, TFDS ArrayRecords) are written once, then loaded."""
   if jax.process_count() == 1:
     return build()
-  from jax.experimental import multihost_utils
-
   result = build() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(f"sdiff_jax: process 0 prepared the {what}")
+  barrier(f"process 0 prepared the {what}")
   return result if jax.process_index() == 0 else build()
