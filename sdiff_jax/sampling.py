@@ -519,8 +519,11 @@ def _block_generate(
     nfe=jnp.int32(1),
     block_steps_J=jnp.zeros((num_blocks,), jnp.int32),
   )
-  final = init
-  for last in _window_ends(num_blocks, s) if windowed else [num_blocks]:
+  ends = _window_ends(num_blocks, s) if windowed else [num_blocks]
+  # block 0 (every row needs it) outside the loop: the loop's blocks all have a block
+  # before them, so their K/V rewrite is unconditional (a `lax.cond` would copy the cache)
+  final = _generate_block(init, plan=plan_seeing(prompt_len + ends[0] * size), key=key, first=True)
+  for last in (e for e in ends if e > 1):  # one block: no loop (no 2-block input fits)
     final = jax.lax.while_loop(
       lambda state, last=last: (state.block < last) & ~jnp.all(state.ended_B),
       functools.partial(_generate_block, plan=plan_seeing(prompt_len + last * size), key=key),
@@ -531,11 +534,14 @@ def _block_generate(
   )
 
 
-def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> BlockLoopState:
+def _generate_block(
+  state: BlockLoopState, *, plan: _Plan, key: jax.Array, first: bool = False
+) -> BlockLoopState:
   """Denoises block `state.block` (cache slots [start, start+K)) and appends it.
 
-  `exact` and `recompute` first rewrite the K/V of the final block j-1 with one forward
-  (token-causal if `exact`); `fold` does it in the block's first denoising forward.
+  Unless it is the `first` block, `exact` and `recompute` first rewrite the K/V of the
+  final block j-1 with one forward (token-causal if `exact`); `fold` does it in the
+  block's first denoising forward.
   """
   s = plan.s
   size = s.block_size
@@ -543,15 +549,11 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
   batch = state.ended_B.shape[0]
   start = plan.prompt_len + j * size
   previous_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxN, (j - 1) * size, size, axis=1)
-  if plan.mode in ("exact", "recompute"):
-
-    def rewrite(cache):
-      return plan.run(
-        cache, [previous_BxK], start - size, causal=plan.mode == "exact", outputs=(0, 0)
-      )[1]
-
-    cache = jax.lax.cond(j > 0, rewrite, lambda c: c, cache)
-    nfe = nfe + (j > 0)
+  if plan.mode in ("exact", "recompute") and not first:
+    _, cache = plan.run(
+      cache, [previous_BxK], start - size, causal=plan.mode == "exact", outputs=(0, 0)
+    )
+    nfe = nfe + 1
   valid_K = j * size + jnp.arange(size) < s.max_new_tokens
   active_B = ~state.ended_B
   # a key per (block, step): the same draws whatever forwards the cache mode adds
@@ -561,10 +563,10 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
   def denoise_forward(cache, block_BxK):
     if not s.shift:
       return plan.run(cache, [block_BxK], start, write_at=plan.scratch)
-    last_Bx1 = jnp.where(
-      j > 0,
-      jax.lax.dynamic_slice_in_dim(state.tokens_BxN, j * size - 1, 1, axis=1),
-      plan.prompt_last_Bx1,
+    last_Bx1 = (
+      plan.prompt_last_Bx1
+      if first
+      else jax.lax.dynamic_slice_in_dim(state.tokens_BxN, j * size - 1, 1, axis=1)
     )
     # output i-1 predicts token i
     return plan.run(cache, [last_Bx1, block_BxK], start - 1, outputs=(0, size))
@@ -577,18 +579,13 @@ def _generate_block(state: BlockLoopState, *, plan: _Plan, key: jax.Array) -> Bl
     pending_B=jnp.zeros((batch,), bool),
     nfe=nfe,
   )
-  # step 0 always runs: an active row needs the block's first token. One block: nothing to
-  # fold (and a prompt shorter than the block leaves no room for a 2-block input).
-  if plan.mode == "fold" and state.block_steps_J.shape[0] > 1:
+  # step 0 always runs: an active row needs the block's first token. The first block has
+  # nothing to fold (and a prompt shorter than the block no room for a 2-block input).
+  if plan.mode == "fold" and not first:
+    lo = size - 1 if s.shift else size  # shift: output i-1 predicts token i
 
     def fold_forward(cache, block_BxK):
-      def fold(cache):
-        first = size - 1 if s.shift else size  # shift: output i-1 predicts token i
-        return plan.run(
-          cache, [previous_BxK, block_BxK], start - size, outputs=(first, first + size)
-        )
-
-      return jax.lax.cond(j > 0, fold, lambda c: denoise_forward(c, block_BxK), cache)
+      return plan.run(cache, [previous_BxK, block_BxK], start - size, outputs=(lo, lo + size))
 
     state_of_block = step(state_of_block, forward=fold_forward)
   scratch_copy = {} if plan.scratch is None else dict(copy_from=plan.scratch, start=start)

@@ -290,6 +290,32 @@ def test_bidirectional_rows_alone_equal_rows_in_a_batch(params, cache_mode):
   assert MASK not in np.asarray(batch.tokens)
 
 
+@pytest.mark.parametrize(
+  "settings",
+  [
+    Settings(max_new_tokens=24, block_size=8, steps_per_block=2, cache_windows=3),
+    Settings(max_new_tokens=24, block_size=8, steps_per_block=1, shift=True),
+    Settings(max_new_tokens=24, block_size=8, steps_per_block=2, cache_mode="recompute"),
+    Settings(attention="block_causal", max_new_tokens=24, block_size=8, steps_per_block=2),
+    Settings(attention="causal", max_new_tokens=24, cache_windows=3),
+  ],
+)
+def test_the_compiled_generation_never_copies_the_cache(params, settings):
+  """Forwards write K/V in place: no instruction of the compiled loop copies a whole cache
+  buffer (a `lax.cond` over the cache used to copy it at every block)."""
+  prompt_BxP, lens_B = sampling.left_pad(PROMPTS)
+  hlo = (
+    sampling._generate.lower(DECODER, settings, params, prompt_BxP, lens_B, jax.random.key(0))
+    .compile()
+    .as_text()
+  )
+  slots = prompt_BxP.shape[1] + 24
+  shape = f"f32[1,{len(PROMPTS)},{slots},{CFG.n_kv_heads},{CFG.head_dim}]"
+  assert f" {shape}" in hlo  # the cache is there ...
+  copies = [line for line in hlo.splitlines() if shape in line and " copy(" in line]
+  assert copies == []  # ... and never copied
+
+
 def test_one_compilation_for_repeated_calls(params):
   settings = Settings(attention="block_causal", max_new_tokens=8, block_size=8, steps_per_block=2)
   before = sampling._generate._cache_size()
