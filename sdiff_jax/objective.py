@@ -81,6 +81,13 @@ class Objective:
       logits_BxLxV = jnp.concatenate([logits_BxLxV[:, :1], logits_BxLxV[:, :-1]], axis=1)
     return logits_BxLxV
 
+  def state_nll(self, params, state_BxL: jax.Array, batch: Batch) -> jax.Array:
+    """float32[B, L]: -log p(batch["tokens"] | state) per position (nats), for a decoding
+    state (MASK where nothing is committed yet). The state is also the clean half a
+    block_causal model reads, so no target leaks there."""
+    logits_BxLxV = self.logits(params, state_BxL, {**batch, "tokens": state_BxL})
+    return losses.token_nll(logits_BxLxV, batch["tokens"], tokenizer_lib.MASK_ID)
+
   def edit_corrupt(
     self, key: jax.Array, tokens_BxL: jax.Array, batch: Batch, alpha_B: jax.Array, **overrides
   ) -> corruption.EditResult:
@@ -233,11 +240,7 @@ class Objective:
     `onpolicy.anchor_weight` times the "mask+edit" loss of the batch's real rows."""
     real = batch
     batch = {name[5:]: value for name, value in batch.items() if name.startswith("pair_")}
-    # the state is also the clean half a block_causal model reads: no target leaks there
-    model_batch = {**batch, "tokens": batch["state"]}
-    nll_BxL = losses.token_nll(
-      self.logits(params, batch["state"], model_batch), batch["tokens"], tokenizer_lib.MASK_ID
-    )
+    nll_BxL = self.state_nll(params, batch["state"], batch)
     o = self.config.onpolicy
     weight_BxL, committed_BxL = batch["weight"], batch["committed"] > 0
     policy = (weight_BxL * nll_BxL).sum() / weight_BxL.shape[0] / losses.LN2

@@ -68,7 +68,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sdiff_jax import config_lib, inference, losses, sampling, trajectories
+from sdiff_jax import config_lib, inference, sampling, trajectories
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.evaluate import judge as judge_lib
 from sdiff_jax.evaluate import validity
@@ -80,9 +80,7 @@ FunctionPrompt = validity.FunctionPrompt
 @functools.partial(jax.jit, static_argnums=0)
 def _token_nll(objective: Objective, params, rows: dict[str, jax.Array]) -> jax.Array:
   """float32[rows, L]: -log p(tokens | state) per position (nats)."""
-  model_batch = {**rows, "tokens": rows["state"]}
-  logits = objective.logits(params, rows["state"], model_batch)
-  return losses.token_nll(logits, rows["tokens"], tokenizer_lib.MASK_ID)
+  return objective.state_nll(params, rows["state"], rows)
 
 
 def step_counts(commit_step: Sequence[int], block_size: int) -> list[int]:

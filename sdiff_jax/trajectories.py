@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from array_record.python import array_record_module as array_record
 
-from sdiff_jax import config_lib, inference, losses, sampling
+from sdiff_jax import config_lib, inference, sampling
 from sdiff_jax.data import pipeline
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.objective import Objective
@@ -101,10 +101,7 @@ def states(tokens: Sequence[int], commit_step: Sequence[int], block_size: int) -
 def _committed_bits(objective: Objective, params, batch, committed_BxL) -> jax.Array:
   """float32[B]: bits of the committed tokens (`batch["tokens"]`) of each state row
   (`batch["noisy"]`: MASK where not committed yet, the committed tokens included)."""
-  # the state is also the clean half a block_causal model reads: no target leaks there
-  model_batch = {**batch, "tokens": batch["noisy"]}
-  logits_BxLxV = objective.logits(params, batch["noisy"], model_batch)
-  nll_BxL = losses.token_nll(logits_BxLxV, batch["tokens"], MASK)
+  nll_BxL = objective.state_nll(params, batch["noisy"], batch)
   return jnp.where(committed_BxL, nll_BxL, 0).sum(axis=1) / math.log(2)
 
 
