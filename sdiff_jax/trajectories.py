@@ -97,6 +97,9 @@ def states(tokens: Sequence[int], commit_step: Sequence[int], block_size: int) -
       yield j, int(s), state, committed
 
 
+LENGTH_BUCKET = 64  # `score` pads its state rows to a multiple of this many tokens
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _committed_bits(objective: Objective, params, batch, committed_BxL) -> jax.Array:
   """float32[B]: bits of the committed tokens (`batch["tokens"]`) of each state row
@@ -119,7 +122,11 @@ def score(
       mark = np.concatenate([np.zeros(len(t.prompt), bool), committed])
       rows.append((clean, noisy, mark))
       owner.append(n)
-  length = max(r[0].size for r in rows)
+  # one compilation for every call whose rows fit the same bucket: lengths rounded up to
+  # LENGTH_BUCKET, the row count to a multiple of `chunk` (copies of row 0, dropped below)
+  length = -(-max(r[0].size for r in rows) // LENGTH_BUCKET) * LENGTH_BUCKET
+  real = len(rows)
+  rows += [rows[0]] * (-real % chunk)
   pad = lambda x, fill: np.pad(x, (0, length - x.size), constant_values=fill)  # noqa: E731
   batch = {
     "tokens": np.stack([pad(c, tokenizer_lib.PAD_ID) for c, _, _ in rows]).astype(np.int32),
@@ -137,7 +144,7 @@ def score(
       )
     )
   total = np.zeros(len(trajectories))
-  np.add.at(total, np.asarray(owner), np.concatenate(bits))
+  np.add.at(total, np.asarray(owner), np.concatenate(bits)[:real])
   return [float(b / len(t.tokens)) for b, t in zip(total, trajectories)]
 
 

@@ -66,6 +66,31 @@ def test_score_matches_a_direct_computation(code_corpus_dir):
     assert bits == pytest.approx(total / math.log(2) / len(t.tokens), rel=1e-4)
 
 
+def test_score_compiles_once_per_length_bucket(code_corpus_dir):
+  """Pools of other lengths and sizes within one bucket reuse the scorer's compilation."""
+  objective, params = shifted_objective(code_corpus_dir, block_size=4)
+  rng = np.random.default_rng(1)
+
+  def pool(shapes):
+    return [
+      trajectories.Trajectory(
+        prompt_id=n,
+        prompt=[tokenizer_lib.BOS_ID] + rng.integers(4, 64, prompt_len - 1).tolist(),
+        tokens=rng.integers(tokenizer_lib.NUM_SPECIAL, 64, gen_len).tolist(),
+        commit_step=[0] * gen_len,
+        block_size=4,
+        settings={},
+      )
+      for n, (prompt_len, gen_len) in enumerate(shapes)
+    ]
+
+  trajectories.score(objective, params, pool([(5, 7), (9, 4)]), chunk=4)
+  compiled = trajectories._committed_bits._cache_size()
+  for shapes in ([(3, 8), (20, 12), (7, 5)], [(30, 30)], [(2, 1)] * 5):
+    trajectories.score(objective, params, pool(shapes), chunk=4)
+  assert trajectories._committed_bits._cache_size() == compiled
+
+
 def test_select_keeps_the_highest_bound_per_prompt():
   def t(prompt_id, bits, steps):
     return trajectories.Trajectory(
