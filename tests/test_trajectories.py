@@ -31,23 +31,29 @@ def test_states_replay_every_step():
     list(trajectories.states([10, 11], [0, -1], block_size=4))
 
 
-def test_score_matches_a_direct_computation(code_corpus_dir):
-  objective, params = shifted_objective(code_corpus_dir, block_size=4)
-  rng = np.random.default_rng(0)
+def random_pool(rng, shapes, block_size=4):
+  """Trajectories of random tokens, one per (prompt_len, gen_len), each block's tokens
+  committed two per step in a random order."""
   pool = []
-  for n, (prompt_len, gen_len) in enumerate([(5, 7), (9, 4), (3, 8)]):
-    tokens = rng.integers(tokenizer_lib.NUM_SPECIAL, 64, gen_len).tolist()
-    commit = np.concatenate([rng.permutation(4) // 2 for _ in range(math.ceil(gen_len / 4))])
+  for n, (prompt_len, gen_len) in enumerate(shapes):
+    blocks = math.ceil(gen_len / block_size)
+    commit = np.concatenate([rng.permutation(block_size) // 2 for _ in range(blocks)])
     pool.append(
       trajectories.Trajectory(
         prompt_id=n,
         prompt=[tokenizer_lib.BOS_ID] + rng.integers(4, 64, prompt_len - 1).tolist(),
-        tokens=tokens,
+        tokens=rng.integers(tokenizer_lib.NUM_SPECIAL, 64, gen_len).tolist(),
         commit_step=commit[:gen_len].tolist(),
-        block_size=4,
+        block_size=block_size,
         settings={},
       )
     )
+  return pool
+
+
+def test_score_matches_a_direct_computation(code_corpus_dir):
+  objective, params = shifted_objective(code_corpus_dir, block_size=4)
+  pool = random_pool(np.random.default_rng(0), [(5, 7), (9, 4), (3, 8)])
   got = trajectories.score(objective, params, pool, chunk=3)
 
   for t, bits in zip(pool, got):
@@ -70,24 +76,10 @@ def test_score_compiles_once_per_length_bucket(code_corpus_dir):
   """Pools of other lengths and sizes within one bucket reuse the scorer's compilation."""
   objective, params = shifted_objective(code_corpus_dir, block_size=4)
   rng = np.random.default_rng(1)
-
-  def pool(shapes):
-    return [
-      trajectories.Trajectory(
-        prompt_id=n,
-        prompt=[tokenizer_lib.BOS_ID] + rng.integers(4, 64, prompt_len - 1).tolist(),
-        tokens=rng.integers(tokenizer_lib.NUM_SPECIAL, 64, gen_len).tolist(),
-        commit_step=[0] * gen_len,
-        block_size=4,
-        settings={},
-      )
-      for n, (prompt_len, gen_len) in enumerate(shapes)
-    ]
-
-  trajectories.score(objective, params, pool([(5, 7), (9, 4)]), chunk=4)
+  trajectories.score(objective, params, random_pool(rng, [(5, 7), (9, 4)]), chunk=4)
   compiled = trajectories._committed_bits._cache_size()
   for shapes in ([(3, 8), (20, 12), (7, 5)], [(30, 30)], [(2, 1)] * 5):
-    trajectories.score(objective, params, pool(shapes), chunk=4)
+    trajectories.score(objective, params, random_pool(rng, shapes), chunk=4)
   assert trajectories._committed_bits._cache_size() == compiled
 
 
