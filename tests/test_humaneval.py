@@ -1,5 +1,6 @@
 """HumanEval through the sandbox (evaluate/humaneval.py): data, pass@k, resume, canonical."""
 
+import dataclasses
 import json
 import math
 
@@ -122,3 +123,53 @@ def test_pass_at_10_needs_ten_samples_everywhere():
 def test_canonical_solutions_pass(problems):
   passed, total, seconds = humaneval.check_canonical(timeout_s=10.0, problems=problems[:10])
   assert (passed, total) == (10, 10) and seconds > 0
+
+
+# A completion that fills its process limit with sleeping children and never returns.
+STORM = (
+  "  import os, time\n"
+  "  for _ in range(300):\n"
+  "    try:\n"
+  "      if os.fork() == 0:\n"
+  "        time.sleep(20)\n"
+  "        os._exit(0)\n"
+  "    except OSError:\n"
+  "      time.sleep(0.005)\n"
+  "  time.sleep(20)\n"
+)
+
+
+def test_a_fork_storm_candidate_costs_only_its_own_verdict():
+  # one worker: every candidate after the storm leases the uid it has just left
+  completions = {"Toy/0": [STORM, RIGHT, WRONG, RIGHT, STORM, RIGHT]}
+  results = humaneval.evaluate_completions(
+    [TOY], completions, timeout_s=1.5, workers=1, progress=False
+  )
+  assert results.counts == {"Toy/0": (6, 3)} and results.errors == {}
+
+
+def test_error_verdicts_are_retried_and_never_counted(tmp_path, monkeypatch):
+  monkeypatch.setattr(sandbox, "START_BACKOFF_S", (0.01,))
+  run_program = sandbox.run_program
+  calls = {}
+
+  def flaky(source, **kwargs):  # the first run of every program, and every run of WRONG
+    calls[source] = calls.get(source, 0) + 1
+    if calls[source] == 1 or source == humaneval.program(TOY, WRONG):
+      return dataclasses.replace(run_program("", timeout_s=3), status="error", detail="refused")
+    return run_program(source, **kwargs)
+
+  monkeypatch.setattr(sandbox, "run_program", flaky)
+  path = str(tmp_path / "results.jsonl")
+  kwargs = dict(timeout_s=3.0, results_path=path, progress=False)
+  results = humaneval.evaluate_completions([TOY], {"Toy/0": [RIGHT, WRONG]}, **kwargs)
+  assert results.counts == {"Toy/0": (1, 1)} and results.pass_at_k == {1: 1.0}
+  assert results.errors == {("Toy/0", 1): "refused"}
+  assert calls[humaneval.program(TOY, RIGHT)] == 2
+  assert calls[humaneval.program(TOY, WRONG)] == sandbox.VERDICT_ATTEMPTS
+  with open(path) as f:
+    assert [json.loads(line).get("index") for line in f] == [None, 0]  # header, RIGHT
+
+  monkeypatch.setattr(sandbox, "run_program", run_program)  # the sandbox works again
+  resumed = humaneval.evaluate_completions([TOY], {"Toy/0": [RIGHT, WRONG]}, **kwargs)
+  assert resumed.new_runs == 1 and resumed.counts == {"Toy/0": (2, 1)} and not resumed.errors

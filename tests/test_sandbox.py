@@ -142,6 +142,140 @@ def test_fork_bomb_without_kernel_limits_meets_the_watchdog(monkeypatch):
   assert verdict.protections == ("socket_guard", "process_watchdog", "rlimits")
 
 
+# 300 sleeping children at most (each gone after 20 s even if the sandbox failed): far
+# more than max_processes, so the run ends with the limit reached and many to reap.
+FORK_STORM = """
+import os, time
+for _ in range(300):
+  try:
+    if os.fork() == 0:
+      time.sleep(20)
+      os._exit(0)
+  except OSError:
+    time.sleep(0.005)
+time.sleep(20)
+"""
+
+
+@pytest.fixture
+def own_uid_slots(monkeypatch, tmp_path):
+  """Slots nobody else leases (a fresh lock directory and uid range), so that consecutive
+  runs of one test get the same slot, hence the same uid."""
+  if PROTECTIONS.uid:
+    leases = tmp_path / "uids"
+    leases.mkdir(mode=0o700)
+    monkeypatch.setattr(sandbox, "UID_LEASES", str(leases))
+    monkeypatch.setattr(sandbox, "UID_BASE", sandbox.UID_BASE + 100_000 + os.getpid() % 10_000)
+
+
+def _run_processes(verdict: sandbox.Verdict) -> list[str]:
+  """Every process of the run's uid or session, zombies too, as 'pid state'."""
+  found = []
+  for name in filter(str.isdigit, os.listdir("/proc")):
+    status = _status(int(name))
+    if status is None:
+      continue
+    same_uid = verdict.uid != os.getuid() and int(status["Uid"].split()[0]) == verdict.uid
+    if same_uid or int(status["NSsid"]) == verdict.pid:
+      found.append(f"{name} {status['State']}")
+  return found
+
+
+def test_fork_storm_leaves_nothing_and_the_next_run_on_its_uid_passes(own_uid_slots):
+  storm = _run(FORK_STORM, timeout_s=1.5)
+  assert storm.status == "timeout"
+  assert _run_processes(storm) == []  # zombies included: they count against RLIMIT_NPROC
+  honest = _run("assert sum(range(10)) == 45")
+  assert honest.status == "passed", honest
+  assert honest.uid == storm.uid  # the same slot, at once
+
+
+def test_cli_fork_storm_then_honest_program(tmp_path):
+  """The two CLI calls of a user, back to back (each leases the lowest free slot)."""
+  (tmp_path / "storm.py").write_text(FORK_STORM)
+  (tmp_path / "honest.py").write_text("assert sum(range(10)) == 45\n")
+  verdicts = []
+  for name in ("storm.py", "honest.py"):
+    run = subprocess.run(
+      [sys.executable, "-m", "sdiff_jax.evaluate.sandbox", str(tmp_path / name), "--timeout_s=1.5"],
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    verdicts.append(json.loads(run.stdout)["status"])
+  assert verdicts == ["timeout", "passed"]
+
+
+def test_a_run_shares_one_cpu_cgroup_whatever_its_sessions():
+  """The scheduler shares the CPU between cpu cgroups: a run's processes, also those that
+  left its session (and so its scheduler autogroup), are in their run's cgroups."""
+  if PROTECTIONS.cpu_cgroup is None:
+    pytest.xfail("no writable cpu cgroup here: the CPU is shared per session (autogroup)")
+  verdict = _run(
+    "import json, os\n"
+    "r, w = os.pipe()\n"
+    "if os.fork() == 0:\n"
+    "  os.setsid()\n"
+    "  os.write(w, open('/proc/self/cgroup', 'rb').read())\n"
+    "  os._exit(0)\n"
+    "os.wait()\n"
+    "print(json.dumps([open('/proc/self/cgroup').read(), os.read(r, 65536).decode()]))\n"
+  )
+  own, child = json.loads(verdict.stdout_tail)
+  with open("/proc/self/cgroup") as f:
+    evaluator = f.read()
+  assert own == child != evaluator
+  hierarchies = {PROTECTIONS.cpu_cgroup, PROTECTIONS.pids_cgroup} - {None}  # v1: two
+  assert own.count("sdiff-sandbox-") == len(hierarchies), own
+  assert "cpu_cgroup" in verdict.protections
+
+
+def test_refused_starts_are_retried_then_an_error_verdict(monkeypatch):
+  monkeypatch.setattr(sandbox, "START_BACKOFF_S", (0.01, 0.01, 0.01))
+  popen = subprocess.Popen
+  refusals = [2]  # the next starts the kernel refuses
+
+  def refusing(*args, **kwargs):
+    if refusals[0]:
+      refusals[0] -= 1
+      raise BlockingIOError(11, "Resource temporarily unavailable", sys.executable)
+    return popen(*args, **kwargs)
+
+  monkeypatch.setattr(sandbox.subprocess, "Popen", refusing)
+  assert _run("print('ok')").status == "passed" and refusals == [0]  # after two refusals
+
+  refusals[0] = 1000
+  verdict = sandbox.run_program("print('ok')", timeout_s=3)
+  assert refusals[0] == 1000 - 4  # the first try and one for each pause
+  assert verdict.status == "error" and verdict.exit_code is None and verdict.pid is None
+  assert "BlockingIOError" in verdict.detail and "temporarily unavailable" in verdict.detail
+  assert json.loads(verdict.to_json())["status"] == "error"
+
+  refusals[0] = 0
+  monkeypatch.setattr(sandbox.subprocess, "Popen", lambda *a, **k: 1 / 0)  # not a refusal
+  verdict = sandbox.run_program("print('ok')", timeout_s=3)
+  assert verdict.status == "error" and "ZeroDivisionError" in verdict.detail
+
+
+def test_run_until_verdict_retries_errors(monkeypatch):
+  monkeypatch.setattr(sandbox, "START_BACKOFF_S", (0.01,))
+  popen = subprocess.Popen
+  refusals = [3]  # one try and its retry fail twice: two error verdicts, then a run
+
+  def refusing(*args, **kwargs):
+    if refusals[0]:
+      refusals[0] -= 1
+      raise OSError(12, "Cannot allocate memory")
+    return popen(*args, **kwargs)
+
+  monkeypatch.setattr(sandbox.subprocess, "Popen", refusing)
+  assert sandbox.run_until_verdict("print('ok')", timeout_s=3, attempts=3).status == "passed"
+  refusals[0] = 1000
+  verdict = sandbox.run_until_verdict("print('ok')", timeout_s=3, attempts=2)
+  assert verdict.status == "error" and refusals[0] == 1000 - 4
+
+
 def test_escaped_daemon_is_killed():
   verdict = _run(
     "import os, time\n"

@@ -6,6 +6,12 @@ the evaluating process, is not used. Each candidate (prompt + completion + the p
 test + `check(entry_point)`) is one program for `sandbox.run_program`, so a few worker
 threads are enough for parallelism: every candidate is its own process.
 
+A candidate's program never stops the suite: the sandbox returns a verdict for every
+program, and one that ends in "error" (the sandbox could not run it, e.g. the machine
+refused a process) is retried (`sandbox.run_until_verdict`); if it still has no verdict it
+is left out of the counts, listed in `Results.errors` and not recorded, so a resumed run
+tries it again. It is never counted as the model's failure.
+
 Runs are resumable: with `results_path`, a header line records the settings and each
 finished candidate appends one JSON line, so an interrupted evaluation skips what it has
 already recorded when called again with the same settings (and refuses other settings,
@@ -46,8 +52,9 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class Results:
-  counts: dict[str, tuple[int, int]]  # task_id -> (samples n, passed c)
-  pass_at_k: dict[int, float]  # k -> mean over problems
+  counts: dict[str, tuple[int, int]]  # task_id -> (samples n, passed c), over verdicts
+  pass_at_k: dict[int, float]  # k -> mean over the problems in counts
+  errors: dict[tuple[str, int], str]  # (task_id, index) -> why it has no verdict
   new_runs: int  # candidates run by this call (the rest came from the results file)
   seconds: float  # wall clock of this call
 
@@ -150,45 +157,64 @@ def evaluate_completions(
 
   every = max(1, len(pending) // 20)  # progress lines per call
   new_passed = 0
+  errors: dict[tuple[str, int], str] = {}
   writer = open(results_path, "a", encoding="utf-8") if results_path else contextlib.nullcontext()
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
   try:
     with writer as out:
       futures = {
         pool.submit(
-          sandbox.run_program, program(p, completion), timeout_s=timeout_s, memory_mb=memory_mb
+          sandbox.run_until_verdict,
+          program(p, completion),
+          timeout_s=timeout_s,
+          memory_mb=memory_mb,
         ): (p.task_id, index, completion)
         for p, index, completion in pending
       }
       for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
         task_id, index, completion = futures[future]
         verdict = future.result()
-        passed[(task_id, index)] = verdict.status == "passed"
-        new_passed += verdict.status == "passed"
-        if out is not None:
-          out.write(json.dumps(_record(task_id, index, completion, verdict)) + "\n")
-          out.flush()
+        if verdict.status == "error":
+          errors[(task_id, index)] = verdict.detail
+        else:
+          passed[(task_id, index)] = verdict.status == "passed"
+          new_passed += verdict.status == "passed"
+          if out is not None:
+            out.write(json.dumps(_record(task_id, index, completion, verdict)) + "\n")
+            out.flush()
         if progress and (done % every == 0 or done == len(pending)):
           elapsed = time.monotonic() - start
           print(
             f"humaneval: {done}/{len(pending)} run, {new_passed} passed, "
-            f"{done / elapsed:.1f}/s, {(len(pending) - done) * elapsed / done:.0f} s left",
+            + (f"{len(errors)} without a verdict (sandbox errors), " if errors else "")
+            + f"{done / elapsed:.1f}/s, {(len(pending) - done) * elapsed / done:.0f} s left",
             file=sys.stderr,
             flush=True,
           )
   finally:
     pool.shutdown(cancel_futures=True)  # on an error, what has not started is dropped
 
+  if errors:
+    logging.warning(
+      "humaneval: %d candidates got no verdict (sandbox errors, not counted), e.g. %s: %s",
+      len(errors),
+      *next(iter(errors.items())),
+    )
   counts = {}
   for problem in problems:
-    n = len(completions_per_problem[problem.task_id])
-    counts[problem.task_id] = (n, sum(passed[(problem.task_id, i)] for i in range(n)))
+    verdicts = [
+      passed[key]
+      for i in range(len(completions_per_problem[problem.task_id]))
+      if (key := (problem.task_id, i)) in passed
+    ]
+    if verdicts:
+      counts[problem.task_id] = (len(verdicts), sum(verdicts))
   pass_k = {
     k: sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
     for k in KS
     if counts and all(n >= k for n, _ in counts.values())
   }
-  return Results(counts, pass_k, len(pending), time.monotonic() - start)
+  return Results(counts, pass_k, errors, len(pending), time.monotonic() - start)
 
 
 def check_canonical(

@@ -210,7 +210,8 @@ def _decoding_rows(loaded, o: Options) -> list[dict]:
 
 def _humaneval_rows(loaded, o: Options, workdir: str, step: int | None) -> list[dict]:
   """pass@k per sampler setting; problems whose prompt does not fit the context are
-  counted as failed (the rows say how many), so pass@k is always over the 164."""
+  counted as failed (the rows say how many), so pass@k is over the 164 (less any problem
+  whose every candidate the sandbox could not run: `sandbox_errors`)."""
   from sdiff_jax.evaluate import humaneval  # pylint: disable=g-import-not-at-top
 
   h = {**HUMANEVAL_DEFAULTS, **o.humaneval}
@@ -255,17 +256,15 @@ def _humaneval_rows(loaded, o: Options, workdir: str, step: int | None) -> list[
     result = humaneval.evaluate_completions(
       problems, samples, timeout_s=h["timeout_s"], results_path=path, settings=run_settings
     )
-    extra = dict(settings=settings, prompts_too_long=len(problems) - len(fitting), **speed)
+    extra = dict(
+      settings=settings,
+      prompts_too_long=len(problems) - len(fitting),
+      sandbox_errors=len(result.errors),  # candidates without a verdict, left out of n
+      **speed,
+    )
+    n = len(result.counts)
     for k, value in result.pass_at_k.items():
-      rows.append(
-        _row(
-          "humaneval",
-          f"pass@{k}",
-          (value, _binomial_se(value, len(problems))),
-          len(problems),
-          **extra,
-        )
-      )
+      rows.append(_row("humaneval", f"pass@{k}", (value, _binomial_se(value, n)), n, **extra))
     _progress(f"humaneval [{tag}]: pass@k {result.pass_at_k} ({result.new_runs} candidates run)")
   return rows
 

@@ -40,11 +40,22 @@ allows (every `Verdict` lists them):
 * `pids_cgroup` (a writable pids cgroup hierarchy, v1 or v2): each run gets its own
   cgroup with pids.max = max_processes, which no setsid can leave; its cgroup.procs is
   the authoritative list for the final sweep.
+* `cpu_cgroup` (a writable cpu hierarchy): each run gets its own cpu cgroup with the
+  default weight, so the scheduler shares the CPU between runs, not between processes: a
+  fork bomb whose processes each call setsid (escaping the scheduler's per-session
+  autogroups) gets one run's share, and honest runs beside it keep theirs.
 * Always: RLIMIT_CPU (cpu_s), RLIMIT_AS (memory_mb), RLIMIT_FSIZE, RLIMIT_NOFILE,
   RLIMIT_CORE = 0 and, with `uid`, RLIMIT_NPROC = max_processes; a wall-clock timeout.
   When the main process exits or times out, its process group and then every remaining
-  member of the run (cgroup, else uid, else session) get SIGKILL until none is left,
-  before the verdict is returned.
+  member of the run (cgroup, else uid, else session) get SIGKILL. The evaluator is the
+  child subreaper of what it starts, so every orphaned process of the run becomes its
+  child and it reaps the zombies itself: before the verdict is returned and the uid and
+  cgroup are released, no process of the run is left, zombies included (they would count
+  against the next run's RLIMIT_NPROC until init reaped them). A uid whose leftovers do
+  not clear (the evaluator died mid-run) is skipped by later leases until it does.
+* Never an exception for the program's sake: a start the kernel refuses (EAGAIN, ENOMEM)
+  is retried with backoff, and what still fails is a verdict with status "error", which
+  says the sandbox, not the program, failed; `run_until_verdict` retries those.
 
 Fallbacks, weaker and stated in the verdict: without `namespaces`, network use is blocked
 only by a socket guard (`network_isolation == "guard"`: a prelude that makes
@@ -58,10 +69,13 @@ evaluator, and it may write wherever the evaluator's user may: run untrusted cod
 (it drops to a dedicated uid) or inside a disposable container.
 
 Not limited: reading world-readable files, /proc listings of other processes, the CPU
-share of up to max_processes busy processes until the timeout, and kernel memory beyond
+share of up to max_processes busy processes until the timeout (without `cpu_cgroup`;
+with it, of one run), and kernel memory beyond
 what the tmpfs sizes and inode counts, RLIMIT_NOFILE and the per-user pipe quota bound
 (a memory cgroup would). The parent-death signal kills the main process if the thread
 that started it dies; its descendants are swept by the next run that leases the same uid.
+Without `uid`, a process that left the session with setsid is not found, and neither is
+its zombie (it stays the evaluator's child until the evaluator exits).
 """
 
 import contextlib
@@ -73,6 +87,7 @@ import itertools
 import json
 import math
 import os
+import re
 import resource
 import select
 import shutil
@@ -83,6 +98,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import NamedTuple
 
 from absl import app, flags, logging
 
@@ -94,12 +110,21 @@ TMPFS_INODES = 4096  # files per tmpfs: each costs kernel memory that no rlimit 
 MAX_OPEN_FILES = 256  # RLIMIT_NOFILE: bounds socket and pipe buffers, also kernel memory
 UID_BASE = 1_999_000_000  # sandbox uids: UID_BASE + slot, far from system and user ranges
 UID_SLOTS = 4096  # concurrent runs with `uid` (across all evaluator processes)
+# one lock file per slot: the lowest free slot is leased
+UID_LEASES = os.path.join(
+  "/run" if os.path.isdir("/run") else tempfile.gettempdir(), "sdiff-sandbox-uids"
+)
 WATCHDOG_PERIOD_S = 0.05  # process counting without `uid` and cgroup
 MEMORY_PERIOD_S = 0.02  # peak RSS sampling
-KILL_DEADLINE_S = 5.0  # for SIGKILLed processes to disappear
+KILL_DEADLINE_S = 5.0  # for a run's SIGKILLed processes to be gone (reaped)
+LEASE_CLEAR_S = 0.2  # for leftovers of a uid to be gone before its slot is skipped
+START_BACKOFF_S = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # retries of a start refused (EAGAIN, ENOMEM)
 PROGRAM_NAME = "main.py"  # the program's file in its working directory
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-STATUSES = ("passed", "failed", "timeout", "killed")
+# "error": the sandbox could not run the program (e.g. no process could be started); not
+# the program's fault, so callers retry it (run_until_verdict) and never count it a failure.
+STATUSES = ("passed", "failed", "timeout", "killed", "error")
+VERDICT_ATTEMPTS = 3  # run_until_verdict: runs of one program that may end in "error"
 
 # Linux ABI constants (sched.h, mount.h, prctl.h).
 _CLONE_NEWNS = 0x00020000
@@ -113,6 +138,7 @@ _MS_BIND = 4096
 _MS_REC = 16384
 _MS_PRIVATE = 1 << 18
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -148,6 +174,7 @@ class Protections:
   uid: bool  # programs run as a dedicated unprivileged uid
   namespaces: bool  # private mount, network and IPC namespaces
   pids_cgroup: str | None  # directory in which a per-run pids cgroup is created
+  cpu_cgroup: str | None = None  # the same for a cpu cgroup (may be the same directory)
 
   @property
   def network_isolation(self) -> str:
@@ -165,6 +192,8 @@ class Protections:
       names.append("pids_cgroup")
     elif not self.uid:
       names.append("process_watchdog")
+    if self.cpu_cgroup is not None:
+      names.append("cpu_cgroup")
     return (*names, "rlimits")
 
 
@@ -173,7 +202,7 @@ class Verdict:
   """How one program ended."""
 
   status: str  # one of STATUSES; "killed": by a signal other than the wall-clock timeout's
-  exit_code: int  # of the main process; -N when signal N ended it
+  exit_code: int | None  # of the main process; -N when signal N ended it; None: "error"
   detail: str  # why, in words
   seconds: float  # wall clock from start to exit (or to the timeout)
   cpu_seconds: float  # user + system of the main process and its reaped descendants
@@ -182,8 +211,8 @@ class Verdict:
   peak_memory_mb: float
   stdout_tail: str  # last TAIL_CHARS characters
   stderr_tail: str
-  pid: int  # of the main process, also its process-group and session id
-  uid: int  # the program ran as
+  pid: int | None  # of the main process, also its process-group and session id
+  uid: int | None  # the program ran as
   network_isolation: str  # "namespace" or "guard"
   protections: tuple[str, ...]  # Protections.names()
 
@@ -211,10 +240,57 @@ def run_program(
 
   Thread-safe: concurrent calls get separate uids, cgroups and working directories.
   `cpu_s` (default timeout_s + 1) limits each process's CPU time; `max_processes` counts
-  processes and, where the kernel does (`uid`, cgroup), threads.
+  processes and, where the kernel does (`uid`, cgroup), threads. Never raises for the
+  program's sake: a start the kernel refuses (EAGAIN, ENOMEM) is retried with backoff, and
+  what still fails becomes a verdict with status "error" and the reason in `detail`.
   """
   limits = _Limits(timeout_s, memory_mb, max_processes, timeout_s + 1 if cpu_s is None else cpu_s)
-  return _run(source, limits, protections())
+  prot = protections()
+  start = time.monotonic()
+  try:
+    return _run_retrying(source, limits, prot)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("sandbox: could not run a program: %r", e)
+    return Verdict(
+      status="error",
+      exit_code=None,
+      detail=f"the sandbox could not run the program: {type(e).__name__}: {e}",
+      seconds=time.monotonic() - start,
+      cpu_seconds=0.0,
+      peak_memory_mb=0.0,
+      stdout_tail="",
+      stderr_tail="",
+      pid=None,
+      uid=None,
+      network_isolation=prot.network_isolation,
+      protections=prot.names(),
+    )
+
+
+def run_until_verdict(source: str, *, attempts: int = VERDICT_ATTEMPTS, **limits) -> Verdict:
+  """`run_program` until a verdict other than "error", at most `attempts` runs (with a pause
+  between them); the last verdict. What every caller that scores programs should use."""
+  for attempt in range(attempts):
+    verdict = run_program(source, **limits)
+    if verdict.status != "error":
+      break
+    if attempt + 1 < attempts:
+      time.sleep(START_BACKOFF_S[min(attempt + 2, len(START_BACKOFF_S) - 1)])
+  return verdict
+
+
+def _run_retrying(source: str, limits: _Limits, prot: Protections) -> Verdict:
+  """`_run`, again after a pause while starting the program fails with EAGAIN or ENOMEM
+  (a process table, pid or memory limit momentarily reached)."""
+  for pause in START_BACKOFF_S:
+    try:
+      return _run(source, limits, prot)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.ENOMEM):
+        raise
+      logging.info("sandbox: start refused (%s), retrying in %g s", e, pause)
+      time.sleep(pause)
+  return _run(source, limits, prot)
 
 
 _DETECTED: list[Protections] = []
@@ -231,12 +307,13 @@ def protections() -> Protections:
 
 def _detect() -> Protections:
   root = os.geteuid() == 0
-  cgroup = _pids_cgroup_parent() if root else None
+  cgroup = _cgroup_parent("pids", ("pids.max",)) if root else None
+  cpu = _cgroup_parent("cpu", ("cpu.shares", "cpu.weight")) if root else None
   probe = _Limits(timeout_s=30.0, memory_mb=1024, max_processes=8, cpu_s=30.0)
   if root:
-    full = Protections(uid=True, namespaces=True, pids_cgroup=cgroup)
+    full = Protections(uid=True, namespaces=True, pids_cgroup=cgroup, cpu_cgroup=cpu)
     try:
-      verdict = _run("", probe, full)
+      verdict = _run_retrying("", probe, full)
     except subprocess.SubprocessError as e:  # unshare or mount refused (no CAP_SYS_ADMIN)
       logging.warning("sandbox: no namespaces (%s); network is only guarded", e)
     else:
@@ -244,21 +321,27 @@ def _detect() -> Protections:
         return full
       logging.warning("sandbox: Python fails in namespaces: %s", verdict.stderr_tail)
   reachable = not _exposure_plan(_interpreter_paths())
-  basic = Protections(uid=root and reachable, namespaces=False, pids_cgroup=cgroup)
-  verdict = _run("", probe, basic)
+  basic = Protections(uid=root and reachable, namespaces=False, pids_cgroup=cgroup, cpu_cgroup=cpu)
+  verdict = _run_retrying("", probe, basic)
   if verdict.status != "passed":
     raise RuntimeError(f"the sandbox cannot run Python ({basic}): {verdict.stderr_tail}")
   return basic
 
 
 def _run(source: str, limits: _Limits, prot: Protections) -> Verdict:
+  _become_subreaper()
   workdir = tempfile.mkdtemp(prefix="sdiff-sandbox-")
   try:
     with contextlib.ExitStack() as stack:
       uid = stack.enter_context(_uid_lease()) if prot.uid else os.getuid()
-      cgroup = None
+      cgroup = None  # the pids cgroup, whose members are the run's
+      cgroups = []  # every cgroup the program starts in
       if prot.pids_cgroup is not None:
-        cgroup = stack.enter_context(_pids_cgroup(prot.pids_cgroup, limits.max_processes))
+        pids_max = {"pids.max": str(limits.max_processes)}
+        cgroup = stack.enter_context(_cgroup(prot.pids_cgroup, pids_max))
+        cgroups.append(cgroup)
+      if prot.cpu_cgroup is not None and prot.cpu_cgroup != prot.pids_cgroup:
+        cgroups.append(stack.enter_context(_cgroup(prot.cpu_cgroup, {})))
       out = stack.enter_context(tempfile.TemporaryFile())
       err = stack.enter_context(tempfile.TemporaryFile())
       program = source.encode("utf-8", errors="replace")  # lone surrogates become "?"
@@ -268,7 +351,7 @@ def _run(source: str, limits: _Limits, prot: Protections) -> Verdict:
         if prot.uid:
           os.chown(workdir, uid, uid)
           os.chown(os.path.join(workdir, PROGRAM_NAME), uid, uid)
-      verdict = _supervise(program, limits, prot, workdir, uid, cgroup, out, err)
+      verdict = _supervise(program, limits, prot, workdir, uid, cgroup, cgroups, out, err)
       if prot.uid and not prot.namespaces:
         _remove_owned(uid)
       return verdict
@@ -276,7 +359,7 @@ def _run(source: str, limits: _Limits, prot: Protections) -> Verdict:
     _remove_tree(workdir)
 
 
-def _supervise(program, limits, prot, workdir, uid, cgroup, out, err) -> Verdict:
+def _supervise(program, limits, prot, workdir, uid, cgroup, cgroups, out, err) -> Verdict:
   """Starts the program, waits for its exit or the timeout, kills all that is left."""
   if prot.namespaces:
     argv = [sys.executable, "-I", "-B", PROGRAM_NAME]
@@ -289,14 +372,12 @@ def _supervise(program, limits, prot, workdir, uid, cgroup, out, err) -> Verdict
     "PYTHONHASHSEED": "0",
     "PYTHONDONTWRITEBYTECODE": "1",
   }
-  setup = _ChildSetup(workdir, program, uid, cgroup, limits, prot)
+  setup = _ChildSetup(workdir, program, uid, cgroups, limits, prot)
 
-  def members() -> list[int]:  # the run's live processes
-    if cgroup is not None:
-      return _alive(_cgroup_members(cgroup))
+  def everything() -> list[_Process]:  # the run's processes, zombies included
     if prot.uid:
-      return _scan_proc(uid=uid)
-    return _scan_proc(sid=proc.pid)
+      return [p for p in _processes() if p.uid == uid]
+    return [p for p in _processes() if p.sid == proc.pid]
 
   start = time.monotonic()
   proc = subprocess.Popen(
@@ -315,10 +396,15 @@ def _supervise(program, limits, prot, workdir, uid, cgroup, out, err) -> Verdict
     )
     seconds = time.monotonic() - start
   finally:  # also when the wait is interrupted
-    # The main process is not reaped yet, so its pid (= pgid = sid) cannot be reused.
+    # The main process is reaped last, so its pid (= pgid = sid) cannot be reused before.
     with contextlib.suppress(ProcessLookupError):
       os.killpg(proc.pid, signal.SIGKILL)
-    _kill_all(members, exclude=proc.pid)
+    if cgroup is not None:  # pids.max bounds it, and every live member is listed
+      for pid in _alive(_cgroup_members(cgroup)):
+        with contextlib.suppress(ProcessLookupError):
+          os.kill(pid, signal.SIGKILL)
+    if not _clear(everything, KILL_DEADLINE_S, exclude=proc.pid):
+      logging.warning("sandbox: processes of uid %d outlived the run: %s", uid, everything())
     _, wait_status, usage = os.wait4(proc.pid, 0)
     proc.returncode = code = os.waitstatus_to_exitcode(wait_status)
 
@@ -372,7 +458,7 @@ def _wait(pid: int, limits: _Limits, watchdog: bool, peak_kib: list[int]) -> tup
         return True, False
       if exited.poll(math.ceil(1000 * min(remaining, step_s))):
         return False, False
-      if watchdog and len(_scan_proc(sid=pid)) > limits.max_processes:
+      if watchdog and sum(p.sid == pid and p.alive for p in _processes()) > limits.max_processes:
         return False, True
   finally:
     os.close(pidfd)
@@ -397,11 +483,11 @@ class _ChildSetup:
   drop come last, and the parent-death signal after the uid change (which clears it).
   """
 
-  def __init__(self, workdir, program, uid, cgroup, limits, prot):
+  def __init__(self, workdir, program, uid, cgroups, limits, prot):
     self.workdir = workdir
     self.program = program  # bytes, written into the tmpfs working directory
     self.uid = uid
-    self.cgroup_procs = None if cgroup is None else os.path.join(cgroup, "cgroup.procs")
+    self.cgroup_procs = [os.path.join(cgroup, "cgroup.procs") for cgroup in cgroups]
     self.prot = prot
     self.exposure = _exposure_plan(_interpreter_paths()) if prot.namespaces else []
     self.scratch = _world_writable_dirs() if prot.namespaces else []
@@ -419,8 +505,8 @@ class _ChildSetup:
       self.rlimits.append((resource.RLIMIT_NPROC, limits.max_processes))
 
   def __call__(self):
-    if self.cgroup_procs is not None:
-      fd = os.open(self.cgroup_procs, os.O_WRONLY)
+    for procs in self.cgroup_procs:
+      fd = os.open(procs, os.O_WRONLY)
       os.write(fd, str(os.getpid()).encode())
       os.close(fd)
     if self.prot.namespaces:
@@ -529,9 +615,7 @@ def _world_writable_dirs() -> list[str]:
 @contextlib.contextmanager
 def _uid_lease():
   """A sandbox uid no other run (of any evaluator process) uses until the lease ends."""
-  directory = os.path.join(
-    "/run" if os.path.isdir("/run") else tempfile.gettempdir(), "sdiff-sandbox-uids"
-  )
+  directory = UID_LEASES
   os.makedirs(directory, mode=0o700, exist_ok=True)
   info = os.lstat(directory)
   if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
@@ -543,36 +627,42 @@ def _uid_lease():
     except BlockingIOError:
       os.close(fd)
       continue
+    uid = UID_BASE + slot
     try:
-      uid = UID_BASE + slot
-      _kill_all(lambda: _scan_proc(uid=uid))  # left by an evaluator that died mid-run
-      yield uid
+      # Left by an evaluator that died mid-run, or zombies another process must reap (they
+      # count against RLIMIT_NPROC): such a uid is skipped until it is clear.
+      if _clear(lambda: [p for p in _processes() if p.uid == uid], LEASE_CLEAR_S):
+        yield uid
+        return
+      logging.log_every_n_seconds(
+        logging.WARNING, "sandbox: uid %d still has processes, using another", 10, uid
+      )
     finally:
       os.close(fd)
-    return
   raise RuntimeError(f"all {UID_SLOTS} sandbox uids are in use")
 
 
 _CGROUP_COUNTER = itertools.count()
 
 
-def _pids_cgroup_parent() -> str | None:
-  """Our cgroup's directory in a pids hierarchy where we may create children, or None."""
+def _cgroup_parent(controller: str, files: tuple[str, ...]) -> str | None:
+  """Our cgroup's directory in a hierarchy with `controller` where we may create children
+  that have one of `files` (the controller's, v1 or v2), or None."""
   groups = {}  # controller ("" for cgroup v2) -> our cgroup's path
   with open("/proc/self/cgroup") as f:
     for line in f:
-      _, controllers, path = line.rstrip("\n").split(":", 2)
-      for controller in controllers.split(","):
-        groups[controller] = path
+      _, names, path = line.rstrip("\n").split(":", 2)
+      for name in names.split(","):
+        groups[name] = path
   with open("/proc/self/mountinfo") as f:
     mounts = [line.split() for line in f]
   for fields in mounts:
     sep = fields.index("-")
     root, mountpoint, fstype, options = fields[3], fields[4], fields[sep + 1], fields[sep + 3]
-    key = "" if fstype == "cgroup2" else "pids"
+    key = "" if fstype == "cgroup2" else controller
     if fstype not in ("cgroup", "cgroup2") or key not in groups:
       continue
-    if fstype == "cgroup" and "pids" not in options.split(","):
+    if fstype == "cgroup" and controller not in options.split(","):
       continue
     parent = os.path.normpath(os.path.join(mountpoint, os.path.relpath(groups[key], root)))
     probe = os.path.join(parent, f"sdiff-sandbox-probe-{os.getpid()}")
@@ -580,7 +670,8 @@ def _pids_cgroup_parent() -> str | None:
       os.mkdir(probe)
     except OSError:
       continue
-    usable = os.path.exists(os.path.join(probe, "pids.max"))  # v2: pids must be delegated
+    # v2: the controller must be delegated
+    usable = any(os.path.exists(os.path.join(probe, name)) for name in files)
     os.rmdir(probe)
     if usable:
       return parent
@@ -588,23 +679,42 @@ def _pids_cgroup_parent() -> str | None:
 
 
 @contextlib.contextmanager
-def _pids_cgroup(parent: str, max_processes: int):
+def _cgroup(parent: str, settings: dict[str, str]):
+  """A new cgroup under `parent` with `settings` (file -> value), removed afterwards."""
   path = os.path.join(parent, f"sdiff-sandbox-{os.getpid()}-{next(_CGROUP_COUNTER)}")
   os.mkdir(path)
   try:
-    with open(os.path.join(path, "pids.max"), "w") as f:
-      f.write(str(max_processes))
+    for name, value in settings.items():
+      with open(os.path.join(path, name), "w") as f:
+        f.write(value)
     yield path
   finally:
+    _STALE_CGROUPS.append(path)
     deadline = time.monotonic() + KILL_DEADLINE_S
-    while True:  # busy until the killed members are reaped
-      try:
-        os.rmdir(path)
+    while True:  # busy until its killed members are reaped
+      _remove_stale_cgroups()
+      if path not in _STALE_CGROUPS or time.monotonic() > deadline:
         break
-      except OSError as e:
-        if e.errno != errno.EBUSY or time.monotonic() > deadline:
-          raise
-        time.sleep(0.005)
+      time.sleep(0.005)
+    if path in _STALE_CGROUPS:
+      logging.warning("sandbox: cgroup %s is still busy; removing it later", path)
+
+
+_STALE_CGROUPS: list[str] = []  # cgroups of finished runs, until they are removed
+
+
+def _remove_stale_cgroups():
+  """Removes those of _STALE_CGROUPS that are empty now (every run retries the rest)."""
+  for path in list(_STALE_CGROUPS):
+    try:
+      os.rmdir(path)
+    except OSError as e:
+      if e.errno == errno.EBUSY:
+        continue
+      if e.errno != errno.ENOENT:
+        logging.warning("sandbox: cannot remove cgroup %s: %s", path, e)
+    with contextlib.suppress(ValueError):  # another thread's call removed it first
+      _STALE_CGROUPS.remove(path)
 
 
 def _cgroup_members(cgroup: str) -> list[int]:
@@ -626,36 +736,76 @@ def _alive(pids: list[int]) -> list[int]:
   return alive
 
 
-def _scan_proc(*, uid: int | None = None, sid: int | None = None) -> list[int]:
-  """Live processes whose real uid is `uid` or whose session id is `sid`."""
+class _Process(NamedTuple):
+  pid: int
+  state: bytes  # b"R", b"S", ..., b"Z" (zombie: exited, not reaped), b"X" (being reaped)
+  ppid: int
+  uid: int  # real
+  sid: int  # session id
+
+  @property
+  def alive(self) -> bool:
+    return self.state not in (b"Z", b"X")
+
+
+_STATUS_FIELDS = re.compile(rb"^(State|PPid|Uid|NSsid):\s*(\S+)", re.MULTILINE)
+
+
+def _processes() -> list[_Process]:
+  """Every process on the machine, zombies included."""
   found = []
   for name in os.listdir("/proc"):
     if not name.isdigit():
       continue
     try:
       with open(f"/proc/{name}/status", "rb") as f:
-        fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        fields = dict(_STATUS_FIELDS.findall(f.read()))
     except OSError:  # gone
       continue
-    if fields[b"State"].split()[0] in (b"Z", b"X"):
-      continue
-    if uid is not None and int(fields[b"Uid"].split()[0]) == uid:
-      found.append(int(name))
-    elif sid is not None and int(fields[b"NSsid"].split()[0]) == sid:
-      found.append(int(name))
+    found.append(
+      _Process(
+        int(name),
+        fields[b"State"],
+        int(fields[b"PPid"]),
+        int(fields[b"Uid"]),
+        int(fields[b"NSsid"]),
+      )
+    )
   return found
 
 
-def _kill_all(members, exclude: int | None = None):
-  """SIGKILLs `members()` (minus `exclude`, a zombie we reap) until none is left."""
-  deadline = time.monotonic() + KILL_DEADLINE_S
-  while pids := [p for p in members() if p != exclude]:
+def _become_subreaper():
+  """Makes this process the child subreaper of its descendants (once per process: a
+  forked child does not inherit it): a sandboxed process whose parent dies becomes our
+  child, not init's, so `_clear` can reap its zombie, which otherwise keeps counting
+  against the uid's RLIMIT_NPROC until init gets to it (seconds on some machines)."""
+  global _SUBREAPER_PID
+  if _SUBREAPER_PID != os.getpid():
+    _check(_LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
+    _SUBREAPER_PID = os.getpid()
+
+
+_SUBREAPER_PID = None
+
+
+def _clear(processes, bound_s: float, exclude: int | None = None) -> bool:
+  """SIGKILLs the live ones of `processes()` (minus `exclude`) and reaps their zombies
+  that are our children, until none is left: True, or False when `bound_s` has passed
+  (a zombie of another parent, or a process that SIGKILL does not end)."""
+  me = os.getpid()
+  deadline = time.monotonic() + bound_s
+  while found := [p for p in processes() if p.pid != exclude]:
     if time.monotonic() > deadline:
-      raise RuntimeError(f"sandboxed processes {pids} survive SIGKILL")
-    for pid in pids:
-      with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(0.002)
+      return False
+    for p in found:
+      if p.alive:
+        with contextlib.suppress(ProcessLookupError):
+          os.kill(p.pid, signal.SIGKILL)
+      elif p.state == b"Z" and p.ppid == me:
+        with contextlib.suppress(ChildProcessError):
+          os.waitpid(p.pid, os.WNOHANG)
+    time.sleep(0.001)
+  return True
 
 
 def _remove_owned(uid: int):
