@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.valid_fraction = 0.05  # files (by path hash) held out for validation
   c.data.tokenizer = "bpe"  # "bpe" (trained on the training split) or "byte"
   c.data.vocab_size = 4096  # BPE vocabulary size, special tokens included
+  c.data.tokenizer_max_bytes = 0  # the BPE learns from the first this many bytes (0: all)
   c.data.seq_len = 256  # tokens per training row
   c.data.packing = "pack"  # "pack" several documents per row, or "pad" one per row
   c.data.backend = "grain"  # "grain" over files, or "tfds" (ArrayRecord built from the files)
@@ -115,7 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.onpolicy.steps_per_block = 8  # at most this many forwards per block ...
   c.onpolicy.threshold = 0.5  # ... committing also every masked token above this confidence
   c.onpolicy.temperature = 1.0  # 1: the policy is the model's own distribution
-  c.onpolicy.verifiers = "parse,varied"  # comma-separated: parse | varied | judge (V: product)
+  # comma-separated: parse | varied | judge | tests (the task testbed's asserts); V: product
+  c.onpolicy.verifiers = "parse,varied"
   # "varied": completions of this unigram entropy (bits) pass (64-token bodies of real
   # functions, quickstart BPE: 4.9 on average, 4.0 at the 10th percentile)
   c.onpolicy.min_entropy = 3.0
@@ -317,6 +319,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "curriculum.edit_weight",
     "diffusion.time_eps",
     "data.valid_fraction",
+    "data.tokenizer_max_bytes",
   )
   for field in nonnegative:
     section, name = field.split(".")
@@ -400,9 +403,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         o.max_new_tokens,
         f"+ onpolicy.prompt_len={o.prompt_len} exceeds data.seq_len={config.data.seq_len}",
       )
-    unknown = set(o.verifiers.split(",")) - {"parse", "varied", "judge"}
+    unknown = set(o.verifiers.split(",")) - {"parse", "varied", "judge", "tests"}
     if unknown or not o.verifiers:
-      _fail("onpolicy.verifiers", o.verifiers, "must list some of parse, varied, judge")
+      _fail("onpolicy.verifiers", o.verifiers, "must list some of parse, varied, judge, tests")
     if o.kl_weight > 0 and not config.train.init_from:
       _fail("onpolicy.kl_weight", o.kl_weight, "anchors to train.init_from, which is not set")
     if "judge" in o.verifiers.split(",") and not o.judge:

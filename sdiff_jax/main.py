@@ -2,7 +2,9 @@ r"""Main job: train a Seed Diffusion model from a config, then sample from it.
 
 After training (skipped when the run was preempted), `--sample_prompts` are
 completed with the trained model (block-parallel decoding for diffusion
-models, token by token for `causal` ones) and printed with decoding statistics.
+models, token by token for `causal` ones) and printed with decoding statistics; on the
+task testbed, held-out test tasks are completed instead, their tests run in the sandbox,
+and pass@1 is printed.
 
     python -m sdiff_jax.main --config=configs/quickstart.py --workdir=/tmp/sdiff
     python -m sdiff_jax.main --config=configs/quickstart.py:causal --workdir=/tmp/ar \
@@ -19,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdiff_jax import checkpointing, train
+from sdiff_jax.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and logs.")
@@ -33,7 +36,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 _PROMPTS = flags.DEFINE_multi_string(
   "sample_prompts",
   ["def fibonacci(n):", "class Stack:\n    def __init__(self):"],
-  "Prompts completed after training; pass --sample_prompts= (empty) to skip sampling.",
+  "Prompts completed after training; pass --sample_prompts= (empty) to skip sampling. "
+  "On the task testbed (data.source 'tasks') held-out tasks are completed instead, unless "
+  "prompts are given.",
+)
+_REPORT_TASKS = flags.DEFINE_integer(
+  "report_tasks", 128, "Task testbed: held-out test tasks completed for the final pass@1."
 )
 _STEPS_PER_BLOCK = flags.DEFINE_integer(
   "steps_per_block", 4, "Denoising steps per block when sampling."
@@ -63,11 +71,23 @@ def main(argv):
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     prompts = [p for p in _PROMPTS.value if p]
-    if prompts and not result.preempted:
-      show_samples(prompts)  # every process: restoring onto the mesh is collective
+    if prompts and not result.preempted:  # every process: restoring onto the mesh is collective
+      if tasks.is_source(_CONFIG.value.data.source) and not flags.FLAGS["sample_prompts"].present:
+        show_tasks()
+      else:
+        show_samples(prompts)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def show_tasks() -> None:
+  """Completes held-out tasks of the testbed, runs their tests and prints pass@1."""
+  from sdiff_jax.evaluate import tasks as tasks_suite  # only needed once training is done
+
+  tasks_suite.report(
+    _WORKDIR.value, steps_per_block=_STEPS_PER_BLOCK.value, num_tasks=_REPORT_TASKS.value
+  )
 
 
 def show_samples(prompts: list[str]) -> None:

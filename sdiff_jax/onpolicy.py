@@ -29,9 +29,11 @@ Objective (the paper's Eq. 10, minimised): E_{prompt, tau ~ p_theta}[ |tau| - V(
   it, parses after its prompt: `evaluate.validity.score`), "varied" (min(1, H /
   `min_entropy`), H the unigram entropy in bits of the completion's tokens: repetition
   parses, and without this check the parse reward alone collapsed the model onto it,
-  measured) and "judge" (its bits per token under a causal judge workdir are at most
-  `judge_bits`). A unit-test verifier plugs in the same way (`Verifier`), but training
-  prompts carry no tests: not built.
+  measured), "judge" (its bits per token under a causal judge workdir are at most
+  `judge_bits`) and "tests" (the function with the completion's body, between the
+  training document's lines above it and its asserts after it, passes in the sandbox:
+  the task testbed's documents carry such asserts, `data.source="tasks"`; a completion
+  the sandbox could not run gets the mean score of the others, never a failure).
 * Reward R = verifier_weight * V - length_weight * surrogate_steps * max_new_tokens / G:
   the surrogate is scaled to the full generation length, so that a trajectory that
   stops early (EOS) does not look shorter (measured: unscaled, the mean generation
@@ -157,6 +159,21 @@ class Varied:
     return np.minimum(1.0, entropy / self.min_entropy)
 
 
+class UnitTests:
+  """1 where the completion's program passes the training document's asserts (sandbox)."""
+
+  name = "tests"
+
+  def __call__(self, prompts, completions, ended):
+    from sdiff_jax.evaluate import tasks as tasks_suite  # pylint: disable=g-import-not-at-top
+
+    programs = [validity.program(p, c, e) for p, c, e in zip(prompts, completions, ended)]
+    passed = tasks_suite.run_programs(programs).passed
+    scores = np.array([np.nan if p is None else float(p) for p in passed])
+    known = scores[~np.isnan(scores)]
+    return np.where(np.isnan(scores), known.mean() if known.size else 0.0, scores)
+
+
 def make_verifiers(
   o: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
 ) -> list[Verifier]:
@@ -165,6 +182,7 @@ def make_verifiers(
     "parse": Parses,
     "varied": lambda: Varied(tokenizer, o.min_entropy),
     "judge": lambda: JudgeLikelihood(o.judge, o.judge_bits),
+    "tests": UnitTests,
   }
   return [made[name]() for name in o.verifiers.split(",")]
 
@@ -203,16 +221,20 @@ class Rollouts:
     o = self.options = config.onpolicy
     self.config, self.tokenizer, self.rows = config, tokenizer, rows
     self.prompts, self.prompt_ids = [], []
+    tests = "tests" in o.verifiers.split(",")
     for item in validity.function_prompts(texts, o.num_prompts):
       ids = [tokenizer_lib.BOS_ID] + tokenizer.encode(item.prompt)
-      if len(ids) <= o.prompt_len:
+      if len(ids) <= o.prompt_len and (item.tests or not tests):
         self.prompts.append(item)
         self.prompt_ids.append(ids)
     groups = rows // o.samples
     if len(self.prompts) < groups:
       raise ValueError(
-        f"{len(self.prompts)} training functions with a docstring fit onpolicy.prompt_len="
-        f"{o.prompt_len} tokens, {groups} needed per step: raise prompt_len or num_prompts"
+        f"{len(self.prompts)} training functions with a docstring"
+        + (" and asserts after them (the 'tests' verifier)" if tests else "")
+        + f" fit onpolicy.prompt_len={o.prompt_len} tokens, {groups} needed per step: raise "
+        "prompt_len or num_prompts"
+        + (", or train on a corpus with tests (data.source='tasks')" if tests else "")
       )
     self.settings = inference.settings_for(
       config,

@@ -312,6 +312,7 @@ def build_tokenizer(
     d.tokenizer,
     d.vocab_size,
     lambda: sources.load_corpus(d.source, "train", d.valid_fraction),
+    d.tokenizer_max_bytes,
   )
 
 

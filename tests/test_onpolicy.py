@@ -172,6 +172,25 @@ def test_verifiers():
   assert varied[0] == 1.0 and varied[2] < 0.7  # the repeated line: low unigram entropy
 
 
+def test_unit_test_verifier_needs_documents_with_tests(code_corpus_dir):
+  config = tiny_config(code_corpus_dir)
+  config.onpolicy.update(enabled=True, prompt_len=48, max_new_tokens=16, verifiers="tests")
+  texts = sources.load_corpus(str(code_corpus_dir), "train", config.data.valid_fraction)
+  with pytest.raises(ValueError, match="data.source='tasks'"):
+    onpolicy.Rollouts(config, tokenizer_lib.ByteTokenizer(), texts, rows=8)
+  # the task testbed's documents carry asserts: every rollout is run against them
+  config = tiny_config("tasks")
+  config.data.seq_len = 512
+  config.onpolicy.update(
+    enabled=True, prompt_len=448, max_new_tokens=32, verifiers="tests", num_prompts=16
+  )
+  tok = tokenizer_lib.ByteTokenizer()
+  rollouts = onpolicy.Rollouts(config, tok, sources.load_corpus("tasks", "train"), rows=8)
+  assert all(p.tests.startswith("assert ") for p in rollouts.prompts)
+  params = Objective(config, tok.vocab_size).init_params(jax.random.key(0), 512)
+  assert {r.verified for r in rollouts.sample(params, step=0)} == {0.0}  # untrained: all fail
+
+
 def test_onpolicy_run_trains_and_resumes(code_corpus_dir, tmp_path):
   config = tiny_config(code_corpus_dir, num_steps=4, log_every=2, eval_every=4, checkpoint_every=2)
   config.onpolicy.update(
@@ -189,7 +208,7 @@ def test_onpolicy_run_trains_and_resumes(code_corpus_dir, tmp_path):
   [
     ("samples", 3, "divide train.batch_size"),
     ("samples", 1, "at least 2"),
-    ("verifiers", "parse,tests", "some of parse, varied, judge"),
+    ("verifiers", "parse,unit", "some of parse, varied, judge, tests"),
     ("kl_weight", 0.5, "train.init_from, which is not set"),
     ("verifiers", "judge", "needs a causal workdir"),
     ("max_new_tokens", 64, "exceeds data.seq_len"),

@@ -73,3 +73,15 @@ def test_tfds_texts_feed_the_pipeline(code_dir, tmp_path):
   for a, b in zip(from_tfds, from_files):
     for key in pipeline.FEATURES:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_builder_writes_every_split_of_the_task_testbed(tmp_path, monkeypatch):
+  from sdiff_jax.data import tasks  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(tasks, "EVAL_SIZE", 7)
+  splits = tfds_code.build_tfds_corpus("tasks:30", tmp_path / "tfds")
+  assert set(splits) == {*tasks.SPLITS, "all"}
+  for split in tasks.SPLITS:
+    corpus = sources.load_corpus("tasks:30", split)
+    assert splits[split].names == corpus.names and list(splits[split]) == list(corpus)
+  assert len(splits["train"]) == 30 and len(splits["combos"]) == 7

@@ -26,6 +26,9 @@ _SOURCE = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", None, "The tokenizer and corpus_stats.json go here.")
 _TOKENIZER = flags.DEFINE_enum("tokenizer", "bpe", tokenizer_lib.KINDS, "Tokenizer kind.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 4096, "BPE vocabulary size, specials included.")
+_MAX_BYTES = flags.DEFINE_integer(
+  "tokenizer_max_bytes", 0, "The BPE learns from the first this many bytes (0: all)."
+)
 _VALID_FRACTION = flags.DEFINE_float("valid_fraction", 0.05, "Files held out for validation.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per row of the pipeline.")
 _PACKING = flags.DEFINE_enum("packing", "pack", pipeline.PACKINGS, "Rows packed or padded.")
@@ -62,6 +65,7 @@ def main(argv):
       data_config,
       batch_size=_BATCH_SIZE.value,
       throughput_seconds=_THROUGHPUT_SECONDS.value,
+      max_bytes=_MAX_BYTES.value,
     )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -80,6 +84,7 @@ def _prepare(
   *,
   batch_size: int,
   throughput_seconds: float,
+  max_bytes: int = 0,
 ) -> dict:
   """Builds or loads the workdir's tokenizer, then `corpus_statistics` and how the tokenizer came."""
   pipeline.validate_data_config(data_config)
@@ -90,6 +95,7 @@ def _prepare(
     data_config.tokenizer,
     data_config.vocab_size,
     lambda: sources.load_corpus(data_config.source, "train", data_config.valid_fraction),
+    max_bytes,
   )
   tokenizer_s = time.perf_counter() - start
   print(

@@ -6,7 +6,9 @@ A source is one of:
   * a glob pattern (`**` recurses): every matching file;
   * a `.jsonl` / `.jsonl.gz` file: one JSON object per line with a `text` field,
     named by its `id` or `path` field, else by its line index;
-  * a single file.
+  * a single file;
+  * "tasks" or "tasks:N": the generated task testbed (`tasks.py`), whose splits are
+    `tasks.SPLITS` (decided by each task's composition, not by valid_fraction).
 Names are paths relative to the source root (POSIX separators), so a file gets
 the same split on every machine. Unreadable and non-UTF-8 documents are skipped
 and counted.
@@ -23,6 +25,8 @@ import os
 import pathlib
 import sysconfig
 from collections.abc import Callable, Sequence
+
+from sdiff_jax.data import tasks
 
 SPLITS = ("train", "validation", "all")
 DIRECTORY_SUFFIXES = (".py",)  # files taken from "stdlib" and directory sources
@@ -172,10 +176,18 @@ def _read_jsonl(path: pathlib.Path, collector: _Collector) -> None:
     collector.add(name, text if isinstance(text, str) else None)
 
 
+def splits_of(source: str) -> tuple[str, ...]:
+  """The splits `load_corpus` knows for `source`."""
+  return tasks.SPLITS if tasks.is_source(source) else SPLITS
+
+
 def load_corpus(
   source: str = "stdlib", split: str = "train", valid_fraction: float = 0.05
-) -> Corpus:
-  """Reads one split ("train", "validation" or "all") of `source` into memory."""
+) -> Corpus | tasks.TaskCorpus:
+  """Reads one split ("train", "validation" or "all") of `source` into memory (the task
+  testbed's splits are generated on access)."""
+  if tasks.is_source(source):
+    return tasks.load(source, split)
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; valid choices: {SPLITS}.")
   if not 0.0 <= valid_fraction < 1.0:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
@@ -117,6 +117,16 @@ class BPETokenizer(Tokenizer):
     _write_atomic(directory / BPE_FILE, self._hf.to_str())
 
 
+def _first_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+  """The texts until `max_bytes` (UTF-8) have been given."""
+  seen = 0
+  for text in texts:
+    if seen >= max_bytes:
+      return
+    seen += len(text.encode("utf-8"))
+    yield text
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = True) -> BPETokenizer:
   """Trains a byte-level BPE (no normalizer, no prefix space) on `texts`."""
   if vocab_size < MIN_BPE_VOCAB:
@@ -180,8 +190,10 @@ def get_or_build_tokenizer(
   kind: str,
   vocab_size: int,
   texts: Callable[[], Iterable[str]],
+  max_bytes: int = 0,
 ) -> Tokenizer:
-  """Loads the tokenizer in `directory`, or builds it (BPE: trained on `texts()`) and saves it there.
+  """Loads the tokenizer in `directory`, or builds it (BPE: trained on `texts()`, on the
+  first `max_bytes` of them when positive) and saves it there.
 
   `vocab_size` is ignored for kind 'byte'. A saved tokenizer whose kind or
   vocab_size differ from the arguments raises a ValueError.
@@ -197,6 +209,9 @@ def get_or_build_tokenizer(
         f"kind={kind!r} vocab_size={vocab_size} was asked for; change the config or remove {path}."
       )
     return tokenizer
-  tokenizer = ByteTokenizer() if kind == "byte" else train_bpe(texts(), vocab_size)
+  if kind == "byte":
+    tokenizer = ByteTokenizer()
+  else:
+    tokenizer = train_bpe(_first_bytes(texts(), max_bytes) if max_bytes else texts(), vocab_size)
   tokenizer.save(path)
   return tokenizer

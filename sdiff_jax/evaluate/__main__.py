@@ -34,7 +34,9 @@ _BLOCK_SIZE = flags.DEFINE_list("block_size", [], "Sampler grid (default: the mo
 _ALPHA = flags.DEFINE_float("repair_alpha", 0.05, "repair: edit rate of the corruption.")
 _JUDGE = flags.DEFINE_string("judge_workdir", None, "judge: a trained causal workdir.")
 _SAMPLES = flags.DEFINE_integer("humaneval_samples", 1, "humaneval: samples per problem (n).")
-_TEMPERATURE = flags.DEFINE_float("humaneval_temperature", 0.8, "humaneval: when n > 1.")
+_TEMPERATURE = flags.DEFINE_float(
+  "humaneval_temperature", 0.8, "humaneval, tasks: sampling temperature when n > 1."
+)
 _TIMEOUT = flags.DEFINE_float("humaneval_timeout_s", 10.0, "humaneval: per candidate.")
 _RESULTS = flags.DEFINE_string(
   "humaneval_results", None, "humaneval: resumable results, PREFIX.<setting>.jsonl."
@@ -42,6 +44,10 @@ _RESULTS = flags.DEFINE_string(
 _CANONICAL = flags.DEFINE_bool(
   "canonical", False, "humaneval: run the canonical solutions (checks the harness, no model)."
 )
+_TASKS_SAMPLES = flags.DEFINE_integer("tasks_samples", 1, "tasks: completions per task (n).")
+_TASKS_NUM = flags.DEFINE_integer("tasks_num", 128, "tasks, tasks_infill: tasks per split.")
+_TASKS_SPLITS = flags.DEFINE_list("tasks_splits", ["test", "combos"], "tasks: testbed splits.")
+_TASKS_MAX_NEW = flags.DEFINE_integer("tasks_max_new_tokens", 96, "tasks: tokens per body.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and corruption seed.")
 
 
@@ -80,6 +86,13 @@ def main(argv):
       "temperature": _TEMPERATURE.value,
       "timeout_s": _TIMEOUT.value,
       "results": _RESULTS.value,
+    },
+    tasks={
+      "samples": _TASKS_SAMPLES.value,
+      "temperature": _TEMPERATURE.value,
+      "num": _TASKS_NUM.value,
+      "splits": tuple(_TASKS_SPLITS.value),
+      "max_new_tokens": _TASKS_MAX_NEW.value,
     },
     seed=_SEED.value,
   )

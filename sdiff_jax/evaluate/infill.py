@@ -109,18 +109,25 @@ def _fill(objective: Objective, params, tokens_L, segment_ids_L, span_L, steps: 
   return tokens_L
 
 
-def infill(
+@dataclasses.dataclass(frozen=True)
+class Filled:
+  texts: list[str | None]  # per span; None: the span does not fit the context
+  tokens_per_forward: float
+
+
+def fill(
   objective: Objective, params, tok, spans: Sequence[Span], steps: int, seq_len: int
-) -> dict[str, tuple[float, float]]:
-  """exact / parses (value, standard error) and tokens per forward over `spans`."""
+) -> Filled:
+  """Each span's text as the model fills it in `steps` forwards (at most one per token)."""
   if objective.mode == "causal":
     raise ValueError("infilling needs a diffusion model: a causal model cannot see the suffix")
-  exact, parses, filled_tokens, forwards = [], [], 0, 0
+  texts, filled_tokens, forwards = [], 0, 0
   for sp in spans:
     head = [tokenizer_lib.BOS_ID] + tok.encode(sp.before)
     middle = tok.encode(sp.span)
     tail = tok.encode(sp.after)
-    if len(middle) + 2 > seq_len:
+    if len(middle) + 2 > seq_len or not middle:
+      texts.append(None)
       continue
     room = seq_len - len(middle)
     keep_head = min(len(head), max(room // 2, room - len(tail)))
@@ -137,18 +144,30 @@ def infill(
     out = _fill(
       objective, params, jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(span_L), n_steps
     )
-    text = tok.decode([int(t) for t in np.asarray(out)[span_L]])
+    texts.append(tok.decode([int(t) for t in np.asarray(out)[span_L]]))
+    filled_tokens += len(middle)
+    forwards += n_steps
+  return Filled(texts, filled_tokens / max(forwards, 1))
+
+
+def infill(
+  objective: Objective, params, tok, spans: Sequence[Span], steps: int, seq_len: int
+) -> dict[str, tuple[float, float]]:
+  """exact / parses (value, standard error) and tokens per forward over `spans`."""
+  filled = fill(objective, params, tok, spans, steps, seq_len)
+  exact, parses = [], []
+  for sp, text in zip(spans, filled.texts):
+    if text is None:
+      continue
     exact.append(float(text == sp.span))
     try:
       ast.parse(sp.before + text + sp.after)
       parses.append(1.0)
     except (SyntaxError, ValueError):
       parses.append(0.0)
-    filled_tokens += len(middle)
-    forwards += n_steps
   return {
     "exact": validity.mean_se(exact),
     "parses": validity.mean_se(parses),
-    "tokens_per_forward": (filled_tokens / max(forwards, 1), 0.0),
+    "tokens_per_forward": (filled.tokens_per_forward, 0.0),
     "items": (float(len(exact)), 0.0),
   }

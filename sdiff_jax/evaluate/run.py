@@ -3,7 +3,8 @@ sdiff_jax.evaluate` prints and saves them).
 
 Suites: nelbo (held-out bits/token and the unigram baseline, `nelbo.py`), validity
 (`validity.py`), repair (`repair.py`), infill (`infill.py`), judge (`judge.py`), humaneval
-(`humaneval.py` through `sandbox.py`). Suites that decode (validity, judge, humaneval) run
+(`humaneval.py` through `sandbox.py`), tasks and tasks_infill (the generated testbed's
+functions completed or one line filled, their asserts run in the sandbox: `tasks.py`). Suites that decode (validity, judge, humaneval) run
 once per sampler setting of the grid (`completions.settings_grid`), and their rows carry
 the setting with its tokens per forward and tokens/s: quality against speed, one curve per
 setting; infill runs once per steps_per_block value (denoising forwards per span). Every
@@ -23,10 +24,19 @@ import ml_collections
 
 from sdiff_jax import checkpointing, inference
 from sdiff_jax.data import pipeline
+from sdiff_jax.data import tasks as tasks_lib
 from sdiff_jax.evaluate import completions, infill, judge, nelbo, repair, validity
+from sdiff_jax.evaluate import tasks as tasks_suite
 from sdiff_jax.objective import Objective
 
-SUITES = ("nelbo", "validity", "repair", "infill", "judge", "humaneval")
+SUITES = ("nelbo", "validity", "repair", "infill", "judge", "humaneval", "tasks", "tasks_infill")
+TASKS_DEFAULTS = {
+  "samples": 1,  # completions per task (pass@k for k = 1 and samples)
+  "temperature": 0.8,  # when samples > 1
+  "num": 128,  # tasks per split
+  "splits": ("test", "combos"),
+  "max_new_tokens": 96,  # a body is at most ~80 tokens of the testbed's BPE
+}
 HUMANEVAL_DEFAULTS = {
   "samples": 1,  # n per problem (pass@10 needs n >= 10)
   "temperature": 0.8,  # when samples > 1
@@ -54,6 +64,7 @@ class Options:
   infill_kinds: Sequence[str] = infill.KINDS
   judge_workdir: str | None = None
   humaneval: dict[str, Any] = dataclasses.field(default_factory=dict)  # HUMANEVAL_DEFAULTS keys
+  tasks: dict[str, Any] = dataclasses.field(default_factory=dict)  # TASKS_DEFAULTS keys
   seed: int = 0
 
   def validate(self) -> None:
@@ -64,6 +75,13 @@ class Options:
       raise ValueError("the judge suite needs judge_workdir (a trained causal workdir)")
     if self.num_prompts < 1 or self.heldout_rows < 2:
       raise ValueError("num_prompts must be >= 1 and heldout_rows >= 2")
+    t = {**TASKS_DEFAULTS, **self.tasks}
+    bad = sorted(set(t["splits"]) - set(tasks_lib.SPLITS))
+    if bad or t["samples"] < 1 or t["num"] < 1:
+      raise ValueError(
+        f"tasks: splits must be among {tasks_lib.SPLITS} (got {bad or 'ok'}), samples and num "
+        f">= 1 (got {t['samples']}, {t['num']})"
+      )
 
 
 def _row(suite: str, metric: str, value_se, n: int, **extra) -> dict[str, Any]:
@@ -269,6 +287,25 @@ def _humaneval_rows(loaded, o: Options, workdir: str, step: int | None) -> list[
   return rows
 
 
+def _tasks_rows(loaded, objective, o: Options, fill_lines: bool) -> list[dict]:
+  """tasks: pass@k per split and sampler setting; tasks_infill (fill_lines): pass@1 with
+  one body line filled, per split and steps (the grid's steps_per_block)."""
+  t = {**TASKS_DEFAULTS, **o.tasks}
+  common = dict(splits=t["splits"], num_tasks=t["num"], seed=o.seed, progress=_progress)
+  if fill_lines:
+    steps = o.grid.get("steps_per_block") or (1,)
+    return tasks_suite.infill_rows(objective, loaded, steps=steps, **common)
+  return tasks_suite.rows(
+    loaded,
+    samples=t["samples"],
+    temperature=t["temperature"],
+    grid=o.grid,
+    max_new_tokens=t["max_new_tokens"],
+    batch_size=o.batch_size,
+    **common,
+  )
+
+
 def canonical_rows(timeout_s: float = 10.0) -> list[dict[str, Any]]:
   """HumanEval's canonical solutions through the harness (no model): all 164 must pass."""
   from sdiff_jax.evaluate import humaneval  # pylint: disable=g-import-not-at-top
@@ -297,6 +334,8 @@ def evaluate(workdir: str, options: Options, step: int | None = None) -> list[di
     ("infill", lambda: _infill_rows(loaded, objective, options)),
     ("validity", lambda: _decoding_rows(loaded, options)),
     ("humaneval", lambda: _humaneval_rows(loaded, options, workdir, step)),
+    ("tasks", lambda: _tasks_rows(loaded, objective, options, fill_lines=False)),
+    ("tasks_infill", lambda: _tasks_rows(loaded, objective, options, fill_lines=True)),
   ):
     runs = suite in options.suites or (suite == "validity" and "judge" in options.suites)
     if runs:
@@ -318,6 +357,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
       setting = ", ".join(f"{k}={r[k]}" for k in ("corpus", "kind", "alpha", "steps") if k in r)
     else:
       setting = ", ".join(f"{k}={v}" for k, v in setting.items()) or "token by token"
+    if "split" in r:
+      setting = f"{r['split']}: {setting}"
     tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else ""
     tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""
     lines.append(

@@ -37,6 +37,8 @@ class FunctionPrompt:
   prompt: str  # `def` line .. the docstring's closing quotes (no newline)
   reference: str  # the rest of the function's lines
   indent: str  # the body's indentation
+  context: str = ""  # the document's lines above the function (imports, helpers)
+  tests: str = ""  # the document's top-level asserts after the function that call it
 
 
 def function_prompts(
@@ -62,10 +64,34 @@ def function_prompts(
       indent = lines[first.lineno - 1][: first.col_offset]
       if len(prompt) > max_chars or not reference.strip() or not lines[doc_end - 1].endswith("\n"):
         continue
-      found.append(FunctionPrompt(prompt, reference, indent))
+      start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+      tests = [
+        ast.get_source_segment(text, stmt) + "\n"
+        for stmt in tree.body
+        if isinstance(stmt, ast.Assert)
+        and stmt.lineno > node.end_lineno
+        and _calls(stmt, node.name)
+      ]
+      context = "".join(lines[: start - 1])
+      found.append(FunctionPrompt(prompt, reference, indent, context, "".join(tests)))
       if len(found) == count:
         return found
   return found
+
+
+def _calls(tree: ast.AST, name: str) -> bool:
+  return any(
+    isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == name
+    for n in ast.walk(tree)
+  )
+
+
+def program(item: FunctionPrompt, completion: str, ended: bool) -> str:
+  """The function with the completion's body (trimmed as `score` trims it) between the
+  document's context and its tests: passes iff the body does what the tests check."""
+  first, _, rest = completion.partition("\n")
+  body, _ = trim(rest, item.indent, ended)
+  return f"{item.context}{item.prompt}{first}\n{body.rstrip()}\n\n\n{item.tests}"
 
 
 def trim(completion: str, indent: str, ended: bool) -> tuple[str, bool]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from sdiff_jax.data import sources
+from sdiff_jax.data import sources, tasks
 
 SPLITS = ("train", "validation")
 
@@ -31,16 +31,17 @@ class CodeCorpusConfig(tfds.core.BuilderConfig):
 
 def config_for_source(source: str, valid_fraction: float = 0.05) -> CodeCorpusConfig:
   """A builder config named by a hash of the resolved source and `valid_fraction`."""
-  resolved = (
-    str(sources.stdlib_root())
-    if source == "stdlib"
-    else os.path.abspath(os.path.expanduser(source))
-  )
+  if source == "stdlib":
+    resolved = str(sources.stdlib_root())
+  elif tasks.is_source(source):
+    resolved = f"{source}@v{tasks.VERSION}"  # generated: rebuilt when the generator changes
+  else:
+    resolved = os.path.abspath(os.path.expanduser(source))
   digest = hashlib.blake2b(f"{resolved}|{valid_fraction!r}".encode(), digest_size=6).hexdigest()
   return CodeCorpusConfig(
     name=f"src_{digest}",
     description=f"{source} ({resolved}), valid_fraction={valid_fraction}",
-    source=source if source == "stdlib" else resolved,
+    source=source if source == "stdlib" or tasks.is_source(source) else resolved,
     valid_fraction=valid_fraction,
   )
 
@@ -63,7 +64,10 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     del dl_manager  # local files only
-    splits = SPLITS if self.builder_config.valid_fraction > 0 else SPLITS[:1]
+    if tasks.is_source(self.builder_config.source):
+      splits = tasks.SPLITS
+    else:
+      splits = SPLITS if self.builder_config.valid_fraction > 0 else SPLITS[:1]
     return {split: self._generate_examples(split) for split in splits}
 
   def _generate_examples(self, split: str):

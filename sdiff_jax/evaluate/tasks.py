@@ -1,0 +1,263 @@
+"""The task testbed's functional suite: complete generated functions, run their tests.
+
+Items: tasks of a split of the generated testbed (`data/tasks.py`), `test` (compositions
+never trained on) and `combos` (pairs of pieces never seen together in training). The
+prompt is the task's helper (if any), header and docstring; the completion, cut at its
+first top-level line (`humaneval.trim_completion`: the body has ended there), is the
+body; the program, prompt + completion + the task's asserts, runs in the sandbox and
+passes or not. pass@k over `samples` completions per task (the unbiased estimator), the
+completions' unigram entropy beside it (repetition tells itself apart), and the decoding
+speed of the setting.
+
+The infilling variant (`infill_rows`): one body line of each task is removed; a diffusion
+model sees the function before it, as many MASK tokens as the line had, and the rest of
+the body and the asserts after it, fills the line (`infill.fill`) and the program runs: a
+causal model cannot see the suffix, so it does not apply.
+
+A candidate the sandbox could not run (an "error" verdict after `run_until_verdict`'s
+retries) has no verdict: it is left out of n, counted in the row, never a failure.
+"""
+
+import concurrent.futures
+import dataclasses
+import random
+from typing import Any, Sequence
+
+from sdiff_jax.data import tasks as tasks_lib
+from sdiff_jax.evaluate import completions, humaneval, infill, judge, sandbox, validity
+
+SPLITS = ("test", "combos")
+TIMEOUT_S = 5.0  # per program: a task's asserts run in milliseconds
+MEMORY_MB = 512
+WORKERS = 4  # sandbox threads (each program is its own process)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  passed: list[bool | None]  # per candidate; None: no verdict (sandbox error)
+  statuses: dict[str, int]  # verdict status -> count
+
+
+def items(split: str, count: int, seed: int = 0) -> list[tasks_lib.Task]:
+  """The first `count` tasks of `split` (generator seed `seed`)."""
+  return [tasks_lib.generate(split, i, seed) for i in range(count)]
+
+
+def prompt(task: tasks_lib.Task) -> str:
+  """The text a model completes: without the docstring's last newline, which a BPE
+  trained on the tasks merges with the body's indentation (a bare newline token at the
+  end of a prompt is one the model rarely saw there)."""
+  return task.prompt.rstrip("\n")
+
+
+def run_programs(programs: Sequence[str], workers: int = WORKERS) -> Scored:
+  """Runs every program in the sandbox: passed or not, None where no verdict was had."""
+  statuses: dict[str, int] = {}
+  passed: list[bool | None] = [None] * len(programs)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    futures = {
+      pool.submit(sandbox.run_until_verdict, program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB): i
+      for i, program in enumerate(programs)
+    }
+    for future in concurrent.futures.as_completed(futures):
+      verdict = future.result()
+      statuses[verdict.status] = statuses.get(verdict.status, 0) + 1
+      if verdict.status != "error":
+        passed[futures[future]] = verdict.status == "passed"
+  return Scored(passed, statuses)
+
+
+def score_completions(task_list: Sequence[tasks_lib.Task], texts: Sequence[str]) -> Scored:
+  """Runs task i's program with completion i (trimmed to the body)."""
+  return run_programs(
+    [t.program(humaneval.trim_completion(text)) for t, text in zip(task_list, texts)]
+  )
+
+
+def pass_at_k_rows(
+  passed_per_task: Sequence[Sequence[bool | None]], ks: Sequence[int]
+) -> dict[int, tuple[float, float, int]]:
+  """k -> (mean pass@k over tasks, its standard error, tasks counted), for the k that
+  every counted task has samples for (tasks without any verdict are left out)."""
+  counts = [[p for p in ps if p is not None] for ps in passed_per_task]
+  counts = [(len(ps), sum(ps)) for ps in counts if ps]
+  out = {}
+  for k in ks:
+    if counts and all(n >= k for n, _ in counts):
+      values = [humaneval.pass_at_k(n, c, k) for n, c in counts]
+      mean, se = validity.mean_se(values)
+      out[k] = (mean, se, len(values))
+  return out
+
+
+def rows(
+  loaded,
+  *,
+  splits: Sequence[str] = SPLITS,
+  num_tasks: int = 128,
+  samples: int = 1,
+  temperature: float = 0.8,
+  grid: dict[str, Sequence[Any]],
+  max_new_tokens: int = 96,
+  batch_size: int = 16,
+  seed: int = 0,
+  progress=print,
+) -> list[dict[str, Any]]:
+  """pass@1 (and pass@k for k <= samples) per split and sampler setting."""
+  out = []
+  for split in splits:
+    task_list = [
+      t for t in items(split, num_tasks) if completions.fits(loaded, prompt(t), max_new_tokens)
+    ]
+    skipped = num_tasks - len(task_list)
+    if not task_list:
+      raise ValueError(f"no {split} task fits the model's context with {max_new_tokens} tokens")
+    for settings in completions.settings_grid(loaded.config.attention, **grid):
+      if samples > 1:
+        settings = {"temperature": temperature, **settings}
+      passed = [[] for _ in task_list]
+      entropies, speed, statuses = [], [], {}
+      for i in range(samples):
+        decoded = completions.decode(
+          loaded,
+          [prompt(t) for t in task_list],
+          {"max_new_tokens": max_new_tokens, **settings},
+          batch_size=batch_size,
+          seed=seed + 1000 * i,
+        )
+        bodies = [humaneval.trim_completion(text) for text in decoded.texts]
+        scored = score_completions(task_list, bodies)
+        for p, verdict in zip(passed, scored.passed):
+          p.append(verdict)
+        for status, n in scored.statuses.items():
+          statuses[status] = statuses.get(status, 0) + n
+        entropies += [judge.unigram_entropy(loaded.tokenizer.encode(b)) for b in bodies]
+        speed.append((decoded.tokens_per_forward, decoded.tokens_per_s))
+      extra = dict(
+        split=split,
+        settings=settings,
+        steps_per_block=settings.get("steps_per_block"),
+        tokens_per_forward=sum(s[0] for s in speed) / len(speed),
+        tokens_per_s=sum(s[1] for s in speed) / len(speed),
+        completion_entropy=validity.mean_se(entropies)[0],
+        samples=samples,
+        statuses=statuses,
+        sandbox_errors=statuses.get("error", 0),
+        prompts_too_long=skipped,
+      )
+      for k, (value, se, n) in pass_at_k_rows(passed, sorted({1, samples})).items():
+        out.append(
+          {"suite": "tasks", "metric": f"pass@{k}", "value": value, "stderr": se, "n": n, **extra}
+        )
+      label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "token by token"
+      first = out[-1] if out and out[-1]["split"] == split else None
+      if first is not None:
+        progress(
+          f"tasks [{split}, {label}]: pass@1 {pass_at_k_rows(passed, [1])[1][0]:.3f} over "
+          f"{first['n']} tasks, completion entropy {extra['completion_entropy']:.2f} bits; "
+          f"{extra['tokens_per_forward']:.2f} tokens/forward, {extra['tokens_per_s']:.0f} tokens/s"
+        )
+  return out
+
+
+def infill_spans(task_list: Sequence[tasks_lib.Task], seed: int = 0) -> list[infill.Span]:
+  """One body line of each task removed (its newline stays with the suffix); the suffix
+  holds the rest of the body and the asserts."""
+  rng = random.Random(seed)
+  spans = []
+  for t in task_list:
+    lines = t.body.splitlines(keepends=True)
+    i = rng.randrange(len(lines))
+    after = ("\n" + "".join(lines[i + 1 :])).rstrip() + "\n\n\n" + t.tests
+    spans.append(infill.Span(t.prompt + "".join(lines[:i]), lines[i][:-1], after))
+  return spans
+
+
+def infill_rows(
+  objective,
+  loaded,
+  *,
+  splits: Sequence[str] = SPLITS,
+  num_tasks: int = 128,
+  steps: Sequence[int] = (1, 2, 4, 8),
+  seed: int = 0,
+  progress=print,
+) -> list[dict[str, Any]]:
+  """pass@1 of the programs with one line filled, per split and denoising steps."""
+  if objective.mode == "causal":
+    progress("tasks infill: not applicable (a causal model cannot see the suffix)")
+    return []
+  out = []
+  for split in splits:
+    task_list = items(split, num_tasks)
+    spans = infill_spans(task_list, seed)
+    for n_steps in steps:
+      filled = infill.fill(
+        objective, loaded.params, loaded.tokenizer, spans, n_steps, loaded.config.data.seq_len
+      )
+      programs = [sp.before + text + sp.after for sp, text in zip(spans, filled.texts)]
+      scored = run_programs([p for p, text in zip(programs, filled.texts) if text is not None])
+      values = [float(p) for p in scored.passed if p is not None]
+      value, se = validity.mean_se(values)
+      out.append(
+        {
+          "suite": "tasks_infill",
+          "metric": "pass@1",
+          "value": value,
+          "stderr": se,
+          "n": len(values),
+          "split": split,
+          "steps": n_steps,
+          "tokens_per_forward": filled.tokens_per_forward,
+          "sandbox_errors": scored.statuses.get("error", 0),
+        }
+      )
+      progress(
+        f"tasks infill [{split}, {n_steps} steps]: pass@1 {value:.3f} over {len(values)} "
+        f"lines, {filled.tokens_per_forward:.2f} tokens/forward"
+      )
+  return out
+
+
+def report(
+  workdir: str,
+  *,
+  steps_per_block: int,
+  num_tasks: int = 128,
+  show: int = 3,
+  max_new_tokens: int = 96,
+  batch_size: int = 16,
+) -> None:
+  """What the main job prints: `show` test tasks completed with their verdicts, then
+  pass@1 over `num_tasks` test tasks at `steps_per_block` (token by token for a causal
+  model), with tokens per forward and tokens/s. Every process decodes (restoring and
+  decoding are collective); process 0 runs the programs and prints."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from sdiff_jax import inference  # pylint: disable=g-import-not-at-top
+
+  loaded = inference.load_model(workdir)
+  settings = {} if loaded.config.attention == "causal" else {"steps_per_block": steps_per_block}
+  task_list = [
+    t for t in items("test", num_tasks) if completions.fits(loaded, prompt(t), max_new_tokens)
+  ]
+  decoded = completions.decode(
+    loaded,
+    [prompt(t) for t in task_list],
+    {"max_new_tokens": max_new_tokens, **settings},
+    batch_size=batch_size,
+  )
+  if jax.process_index() != 0:
+    return
+  bodies = [humaneval.trim_completion(text) for text in decoded.texts]
+  scored = score_completions(task_list, bodies)
+  for t, body, passed in list(zip(task_list, bodies, scored.passed))[:show]:
+    verdict = {True: "PASS", False: "FAIL", None: "no verdict (sandbox error)"}[passed]
+    print(f"----- test task {t.name} ({t.composition}): {verdict}\n{prompt(t)}{body.rstrip()}\n")
+  (value, se, n) = pass_at_k_rows([[p] for p in scored.passed], [1]).get(1, (0.0, 0.0, 0))
+  label = f"{steps_per_block} steps per block" if settings else "token by token"
+  print(
+    f"----- pass@1 on {n} held-out test tasks: {value:.3f} +- {se:.3f} ({label}, "
+    f"{decoded.tokens_per_forward:.2f} tokens per forward, {decoded.tokens_per_s:.0f} tokens/s)",
+    flush=True,
+  )
