@@ -3,9 +3,11 @@
 import dataclasses
 import json
 import math
+import textwrap
 
 import pytest
 
+from sdiff_jax.bench.sandbox import HOSTILE
 from sdiff_jax.evaluate import humaneval, sandbox
 
 TOY = humaneval.Problem(
@@ -126,17 +128,7 @@ def test_canonical_solutions_pass(problems):
 
 
 # A completion that fills its process limit with sleeping children and never returns.
-STORM = (
-  "  import os, time\n"
-  "  for _ in range(300):\n"
-  "    try:\n"
-  "      if os.fork() == 0:\n"
-  "        time.sleep(20)\n"
-  "        os._exit(0)\n"
-  "    except OSError:\n"
-  "      time.sleep(0.005)\n"
-  "  time.sleep(20)\n"
-)
+STORM = textwrap.indent(HOSTILE["fork_storm"][0], "  ")
 
 
 def test_a_fork_storm_candidate_costs_only_its_own_verdict():

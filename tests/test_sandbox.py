@@ -20,6 +20,7 @@ import threading
 
 import pytest
 
+from sdiff_jax.bench.sandbox import HOSTILE
 from sdiff_jax.evaluate import sandbox
 
 PROTECTIONS = sandbox.protections()
@@ -144,17 +145,7 @@ def test_fork_bomb_without_kernel_limits_meets_the_watchdog(monkeypatch):
 
 # 300 sleeping children at most (each gone after 20 s even if the sandbox failed): far
 # more than max_processes, so the run ends with the limit reached and many to reap.
-FORK_STORM = """
-import os, time
-for _ in range(300):
-  try:
-    if os.fork() == 0:
-      time.sleep(20)
-      os._exit(0)
-  except OSError:
-    time.sleep(0.005)
-time.sleep(20)
-"""
+FORK_STORM = HOSTILE["fork_storm"][0]
 
 
 @pytest.fixture
