@@ -225,7 +225,7 @@ def test_pass_at_k_over_samples_and_sandbox_errors_left_out():
 def test_infill_spans_rebuild_the_program():
   for t in (tasks.generate("test", i) for i in range(50)):
     (span,) = suite.infill_spans([t], seed=1)
-    assert span.span.strip() and "\n" not in span.span
+    assert span.span.startswith("\n" + tasks.INDENT) and span.span.count("\n") == 1
     program = span.before + span.span + span.after
     assert program == t.text
 

@@ -9,9 +9,9 @@ passes or not. pass@k over `samples` completions per task (the unbiased estimato
 completions' unigram entropy beside it (repetition tells itself apart), and the decoding
 speed of the setting.
 
-The infilling variant (`infill_rows`): one body line of each task is removed; a diffusion
-model sees the function before it, as many MASK tokens as the line had, and the rest of
-the body and the asserts after it, fills the line (`infill.fill`) and the program runs: a
+The infilling variant (`infill_rows`): one body line of each task is removed (with the
+newline before it); a diffusion model sees the function before it, as many MASK tokens as
+the line had, and the rest of the body and the asserts after it, fills the line (`infill.fill`) and the program runs: a
 causal model cannot see the suffix, so it does not apply.
 
 A candidate the sandbox could not run (an "error" verdict after `run_until_verdict`'s
@@ -145,31 +145,33 @@ def rows(
         sandbox_errors=statuses.get("error", 0),
         prompts_too_long=skipped,
       )
-      for k, (value, se, n) in pass_at_k_rows(passed, sorted({1, samples})).items():
+      summary = pass_at_k_rows(passed, sorted({1, samples}))
+      for k, (value, se, n) in summary.items():
         out.append(
           {"suite": "tasks", "metric": f"pass@{k}", "value": value, "stderr": se, "n": n, **extra}
         )
       label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "token by token"
-      first = out[-1] if out and out[-1]["split"] == split else None
-      if first is not None:
-        progress(
-          f"tasks [{split}, {label}]: pass@1 {pass_at_k_rows(passed, [1])[1][0]:.3f} over "
-          f"{first['n']} tasks, completion entropy {extra['completion_entropy']:.2f} bits; "
-          f"{extra['tokens_per_forward']:.2f} tokens/forward, {extra['tokens_per_s']:.0f} tokens/s"
-        )
+      value, _, n = summary.get(1, (float("nan"), 0.0, 0))
+      progress(
+        f"tasks [{split}, {label}]: pass@1 {value:.3f} over {n} tasks, completion entropy "
+        f"{extra['completion_entropy']:.2f} bits; {extra['tokens_per_forward']:.2f} "
+        f"tokens/forward, {extra['tokens_per_s']:.0f} tokens/s"
+      )
   return out
 
 
 def infill_spans(task_list: Sequence[tasks_lib.Task], seed: int = 0) -> list[infill.Span]:
-  """One body line of each task removed (its newline stays with the suffix); the suffix
-  holds the rest of the body and the asserts."""
+  """One body line of each task removed with the newline before it (a byte-level BPE
+  merges a newline with the next line's indentation: the cut keeps the tokens the model
+  was trained on on both sides); the suffix holds the rest of the body and the asserts."""
   rng = random.Random(seed)
   spans = []
   for t in task_list:
-    lines = t.body.splitlines(keepends=True)
+    lines = t.body.splitlines()
     i = rng.randrange(len(lines))
-    after = ("\n" + "".join(lines[i + 1 :])).rstrip() + "\n\n\n" + t.tests
-    spans.append(infill.Span(t.prompt + "".join(lines[:i]), lines[i][:-1], after))
+    before = (t.prompt + "".join(line + "\n" for line in lines[:i]))[:-1]
+    after = "".join("\n" + line for line in lines[i + 1 :]) + "\n\n\n" + t.tests
+    spans.append(infill.Span(before, "\n" + lines[i], after))
   return spans
 
 
