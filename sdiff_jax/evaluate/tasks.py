@@ -11,8 +11,9 @@ speed of the setting.
 
 The infilling variant (`infill_rows`): one body line of each task is removed (with the
 newline before it); a diffusion model sees the function before it, as many MASK tokens as
-the line had, and the rest of the body and the asserts after it, fills the line (`infill.fill`) and the program runs: a
-causal model cannot see the suffix, so it does not apply.
+the line had, and the rest of the body and the asserts after it, fills the line
+(`infill.fill`) and the program runs: a causal model cannot see the suffix, so it does
+not apply.
 
 A candidate the sandbox could not run (an "error" verdict after `run_until_verdict`'s
 retries) has no verdict: it is left out of n, counted in the row, never a failure.
@@ -197,8 +198,9 @@ def infill_rows(
       filled = infill.fill(
         objective, loaded.params, loaded.tokenizer, spans, n_steps, loaded.config.data.seq_len
       )
-      programs = [sp.before + text + sp.after for sp, text in zip(spans, filled.texts)]
-      scored = run_programs([p for p, text in zip(programs, filled.texts) if text is not None])
+      scored = run_programs(
+        [sp.before + text + sp.after for sp, text in zip(spans, filled.texts) if text is not None]
+      )
       values = [float(p) for p in scored.passed if p is not None]
       value, se = validity.mean_se(values)
       out.append(
