@@ -4,11 +4,12 @@ sdiff_jax.evaluate` prints and saves them).
 Suites: nelbo (held-out bits/token and the unigram baseline, `nelbo.py`), validity
 (`validity.py`), repair (`repair.py`), infill (`infill.py`), judge (`judge.py`), humaneval
 (`humaneval.py` through `sandbox.py`), tasks and tasks_infill (the generated testbed's
-functions completed or one line filled, their asserts run in the sandbox: `tasks.py`). Suites that decode (validity, judge, humaneval) run
-once per sampler setting of the grid (`completions.settings_grid`), and their rows carry
-the setting with its tokens per forward and tokens/s: quality against speed, one curve per
-setting; infill runs once per steps_per_block value (denoising forwards per span). Every
-row has its value, standard error and sample count.
+functions completed or one line filled, their asserts run in the sandbox: `tasks.py`).
+Suites that decode (validity, judge, humaneval, tasks) run once per sampler setting of the
+grid (`completions.settings_grid`), and their rows carry the setting with its tokens per
+forward and tokens/s: quality against speed, one curve per setting; infill and
+tasks_infill run once per steps_per_block value (denoising forwards per span). Every row
+has its value, standard error and sample count.
 """
 
 import dataclasses
