@@ -450,7 +450,7 @@ def _render(c: Composition, rng: random.Random, name: str) -> tuple[Task, Callab
   tk = rng.choice(t.ks) if t.ks else None
   cond = f.code.format(v=v, k=fk)
   expr = t.code.format(v=v, k=tk) if t.code else v
-  missing = _MISSING[family.name] if r.name != "first" or t.name != "length" else "-1"
+  missing = "-1" if t.name == "length" else _MISSING[family.name]  # "first" finds nothing
 
   # the noun phrase: [transform] the <items> [filter]
   items = rng.choice(family.noun)
@@ -467,7 +467,7 @@ def _render(c: Composition, rng: random.Random, name: str) -> tuple[Task, Callab
     name_parts.append(rng.choice(f.words).format(k=fk))
   if rng.random() < 0.5:
     name_parts.append(_ARG_WORDS[c.family])
-  entry = "_".join(name_parts).replace("-", "")
+  entry = "_".join(name_parts)
 
   lines = list(r.init)
   lines.append(family.loop.format(v=v))
