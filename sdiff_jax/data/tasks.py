@@ -12,7 +12,7 @@ Every task is a function of 2-10 body lines composed from a grammar of pieces, o
 
 A few filters call a helper defined above the function (`is_prime`, `is_palindrome`),
 which is part of the prompt. The function's name and its one-line docstring say what it
-computes, each piece with several phrasings (so no template string maps to one body), the
+computes, each piece in two phrasings (so no template string maps to one body), the
 docstring sometimes with one example, as HumanEval's. Three asserts follow, their expected
 values computed by running the function on generated inputs (which do not all give the
 same answer). A task is a pure function of (seed, split, index); the programs terminate by
