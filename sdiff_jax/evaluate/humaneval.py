@@ -26,7 +26,9 @@ import gzip
 import hashlib
 import importlib.resources
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -106,6 +108,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   for i in range(n - c + 1, n + 1):
     miss *= 1.0 - k / i
   return 1.0 - miss
+
+
+def mean_pass_at_k(
+  counts: Sequence[tuple[int, int]], ks: Sequence[int]
+) -> dict[int, tuple[float, float, int]]:
+  """k -> (pass@k averaged over problems, its standard error, problems) from each
+  problem's (samples n, passed c), for the k that every problem has samples for."""
+  out = {}
+  for k in ks:
+    if counts and all(n >= k for n, _ in counts):
+      values = [pass_at_k(n, c, k) for n, c in counts]
+      se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+      out[k] = (sum(values) / len(values), se, len(values))
+  return out
 
 
 def evaluate_completions(
@@ -209,11 +225,7 @@ def evaluate_completions(
     ]
     if verdicts:
       counts[problem.task_id] = (len(verdicts), sum(verdicts))
-  pass_k = {
-    k: sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
-    for k in KS
-    if counts and all(n >= k for n, _ in counts.values())
-  }
+  pass_k = {k: mean for k, (mean, _, _) in mean_pass_at_k(list(counts.values()), KS).items()}
   return Results(counts, pass_k, errors, len(pending), time.monotonic() - start)
 
 

@@ -68,11 +68,17 @@ def run_programs(programs: Sequence[str], workers: int = WORKERS) -> Scored:
   return Scored(passed, statuses)
 
 
-def score_completions(task_list: Sequence[tasks_lib.Task], texts: Sequence[str]) -> Scored:
-  """Runs task i's program with completion i (trimmed to the body)."""
-  return run_programs(
-    [t.program(humaneval.trim_completion(text)) for t, text in zip(task_list, texts)]
-  )
+def fitting(loaded, split: str, count: int, max_new_tokens: int) -> list[tasks_lib.Task]:
+  """The first `count` tasks of `split` whose prompt fits the context with the body."""
+  return [t for t in items(split, count) if completions.fits(loaded, prompt(t), max_new_tokens)]
+
+
+def run_completions(
+  task_list: Sequence[tasks_lib.Task], texts: Sequence[str]
+) -> tuple[list[str], Scored]:
+  """Each completion cut to its body, and task i's program with body i run."""
+  bodies = [humaneval.trim_completion(text) for text in texts]
+  return bodies, run_programs([t.program(b) for t, b in zip(task_list, bodies)])
 
 
 def pass_at_k_rows(
@@ -80,15 +86,8 @@ def pass_at_k_rows(
 ) -> dict[int, tuple[float, float, int]]:
   """k -> (mean pass@k over tasks, its standard error, tasks counted), for the k that
   every counted task has samples for (tasks without any verdict are left out)."""
-  counts = [[p for p in ps if p is not None] for ps in passed_per_task]
-  counts = [(len(ps), sum(ps)) for ps in counts if ps]
-  out = {}
-  for k in ks:
-    if counts and all(n >= k for n, _ in counts):
-      values = [humaneval.pass_at_k(n, c, k) for n, c in counts]
-      mean, se = validity.mean_se(values)
-      out[k] = (mean, se, len(values))
-  return out
+  verdicts = [[p for p in ps if p is not None] for ps in passed_per_task]
+  return humaneval.mean_pass_at_k([(len(v), sum(v)) for v in verdicts if v], ks)
 
 
 def rows(
@@ -107,9 +106,7 @@ def rows(
   """pass@1 (and pass@k for k <= samples) per split and sampler setting."""
   out = []
   for split in splits:
-    task_list = [
-      t for t in items(split, num_tasks) if completions.fits(loaded, prompt(t), max_new_tokens)
-    ]
+    task_list = fitting(loaded, split, num_tasks, max_new_tokens)
     skipped = num_tasks - len(task_list)
     if not task_list:
       raise ValueError(f"no {split} task fits the model's context with {max_new_tokens} tokens")
@@ -126,8 +123,7 @@ def rows(
           batch_size=batch_size,
           seed=seed + 1000 * i,
         )
-        bodies = [humaneval.trim_completion(text) for text in decoded.texts]
-        scored = score_completions(task_list, bodies)
+        bodies, scored = run_completions(task_list, decoded.texts)
         for p, verdict in zip(passed, scored.passed):
           p.append(verdict)
         for status, n in scored.statuses.items():
@@ -242,9 +238,7 @@ def report(
 
   loaded = inference.load_model(workdir)
   settings = {} if loaded.config.attention == "causal" else {"steps_per_block": steps_per_block}
-  task_list = [
-    t for t in items("test", num_tasks) if completions.fits(loaded, prompt(t), max_new_tokens)
-  ]
+  task_list = fitting(loaded, "test", num_tasks, max_new_tokens)
   decoded = completions.decode(
     loaded,
     [prompt(t) for t in task_list],
@@ -253,8 +247,7 @@ def report(
   )
   if jax.process_index() != 0:
     return
-  bodies = [humaneval.trim_completion(text) for text in decoded.texts]
-  scored = score_completions(task_list, bodies)
+  bodies, scored = run_completions(task_list, decoded.texts)
   for t, body, passed in list(zip(task_list, bodies, scored.passed))[:show]:
     verdict = {True: "PASS", False: "FAIL", None: "no verdict (sandbox error)"}[passed]
     print(f"----- test task {t.name} ({t.composition}): {verdict}\n{prompt(t)}{body.rstrip()}\n")
