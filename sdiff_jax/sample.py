@@ -28,6 +28,9 @@ _STEPS_PER_BLOCK = flags.DEFINE_integer("steps_per_block", 8, "Most denoising fo
 _THRESHOLD = flags.DEFINE_float(
   "threshold", None, "Also commit every masked token above this confidence."
 )
+_ORDER = flags.DEFINE_enum(
+  "order", "confidence", sampling.ORDERS, "Which masked positions a step commits."
+)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
@@ -70,6 +73,7 @@ def main(argv):
     overrides = dict(
       steps_per_block=_STEPS_PER_BLOCK.value,
       threshold=_THRESHOLD.value,
+      order=_ORDER.value,
       temperature=_TEMPERATURE.value,
       top_p=_TOP_P.value,
       max_new_tokens=_MAX_NEW_TOKENS.value,

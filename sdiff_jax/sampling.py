@@ -14,9 +14,10 @@ once; each block of `block_size` tokens starts all-MASK and takes at most
 `steps_per_block` forwards over the cache. A forward commits the masked
 positions of highest confidence (model probability of the sampled token): a
 share `ceil(remaining / steps_left)` that finishes the block on time, or, with
-`threshold`, also every one above it. With `self_correction`, committed tokens
-of the block that the model now replaces with confidence above
-`correction_threshold` are rewritten. Positions after a committed EOS are not
+`threshold`, also every one above it. With `order="left_to_right"` the share is
+the leftmost masked positions instead (and, with `threshold`, the run of confident
+ones after them). With `self_correction`, committed tokens of the block that the
+model now replaces with confidence above `correction_threshold` are rewritten. Positions after a committed EOS are not
 needed; a row ends with its first EOS and the loop when every row has ended.
 
 Keys/values of a finished block, as later blocks read them:
@@ -97,6 +98,7 @@ PAD, BOS, EOS, MASK = (
   tokenizer_lib.MASK_ID,
 )
 CACHE_MODES = ("fold", "recompute", "last_forward")  # see the module docstring
+ORDERS = ("confidence", "left_to_right")  # which masked positions a denoising step commits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,9 @@ class Settings:
   block_size: int = 32
   steps_per_block: int = 8  # most forwards per block
   threshold: float | None = None  # also commit every masked token above this confidence
+  # "confidence": the most confident masked positions; "left_to_right": the leftmost ones
+  # (with `threshold`: also the run of masked positions after them above it)
+  order: str = "confidence"
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
   self_correction: bool = False
@@ -125,6 +130,7 @@ class Settings:
     checks = (
       ("attention", self.attention in ATTENTION_MODES, f"must be one of {ATTENTION_MODES}"),
       ("cache_mode", self.cache_mode in CACHE_MODES, f"must be one of {CACHE_MODES}"),
+      ("order", self.order in ORDERS, f"must be one of {ORDERS}"),
       ("max_new_tokens", self.max_new_tokens > 0, "must be positive"),
       ("block_size", self.block_size > 0, "must be positive"),
       (
@@ -399,9 +405,15 @@ def _denoise_update(
   todo_BxK = needed_BxK & masked_BxK
   remaining_B = todo_BxK.sum(axis=1)
   count_B = -(-remaining_B // (s.steps_per_block - step))  # finishes the block on time
-  if s.threshold is not None:
-    count_B = jnp.maximum(count_B, (todo_BxK & (confidence_BxK > s.threshold)).sum(axis=1))
-  score_BxK = jnp.where(todo_BxK, confidence_BxK, -1.0)
+  confident_BxK = todo_BxK & (confidence_BxK > s.threshold if s.threshold is not None else False)
+  if s.order == "left_to_right":  # masked positions ranked by position (ties below)
+    score_BxK = jnp.where(todo_BxK, 0.0, -1.0)
+    # the run of confident positions among the masked ones, from the leftmost
+    run_BxK = jnp.cumprod(jnp.where(todo_BxK, confident_BxK, True).astype(jnp.int32), axis=1)
+    confident_BxK = run_BxK.astype(bool) & todo_BxK
+  else:
+    score_BxK = jnp.where(todo_BxK, confidence_BxK, -1.0)
+  count_B = jnp.maximum(count_B, confident_BxK.sum(axis=1))
   rank_BxK = jnp.argsort(jnp.argsort(-score_BxK, axis=1), axis=1)  # stable: ties by position
   change_BxK = todo_BxK & (rank_BxK < count_B[:, None])
   if s.self_correction:

@@ -100,6 +100,23 @@ def test_threshold_commits_all_above_it_and_finishes_on_time():
   np.testing.assert_array_equal(g.commit_step[0], [0, 1, 0, 1, 1, 0, 1, 0])
 
 
+def test_left_to_right_commits_the_leftmost_and_the_confident_run_after_them():
+  g = _run(SPEC, Settings(max_new_tokens=8, block_size=4, steps_per_block=2, order="left_to_right"))
+  np.testing.assert_array_equal(g.tokens[0], 4 + np.arange(8))
+  np.testing.assert_array_equal(g.commit_step[0], [0, 0, 1, 1, 0, 0, 1, 1])
+  # threshold .55: block 0 (.9 .3 .6 .2) commits .9, then .3 (not .6, which follows it),
+  # then .6, then .2; confidence order commits .9 and .6 at once (above)
+  s = Settings(max_new_tokens=8, block_size=4, steps_per_block=4, threshold=0.55)
+  g = _run(SPEC, dataclasses.replace(s, order="left_to_right"))
+  np.testing.assert_array_equal(g.commit_step[0], [0, 1, 2, 3, 0, 1, 2, 3])
+  # threshold .25: a run of confident tokens from the left goes at once
+  g = _run(SPEC, dataclasses.replace(s, threshold=0.25, order="left_to_right"))
+  np.testing.assert_array_equal(g.commit_step[0], [0, 0, 0, 1, 0, 0, 0, 0])
+  assert list(g.block_steps) == [2, 1]
+  with pytest.raises(ValueError, match="sampling order='random'"):
+    Settings(order="random").validate()
+
+
 def test_eos_ends_the_row_and_the_loop():
   spec = dict(SPEC)
   spec[6] = (EOS, 0.95)  # generated index 5, in block 1 with .5 (before it), .4 and .8

@@ -30,6 +30,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 _STEPS = flags.DEFINE_list("steps_per_block", ["1", "2", "4", "8"], "Sampler grid.")
 _THRESHOLD = flags.DEFINE_list("threshold", [], "Sampler grid ('none': no threshold).")
 _CACHE_MODE = flags.DEFINE_list("cache_mode", [], f"Sampler grid: {sampling.CACHE_MODES}.")
+_ORDER = flags.DEFINE_list("order", [], f"Sampler grid: {sampling.ORDERS}.")
 _BLOCK_SIZE = flags.DEFINE_list("block_size", [], "Sampler grid (default: the model's).")
 _ALPHA = flags.DEFINE_float("repair_alpha", 0.05, "repair: edit rate of the corruption.")
 _JUDGE = flags.DEFINE_string("judge_workdir", None, "judge: a trained causal workdir.")
@@ -56,6 +57,7 @@ def _grid() -> dict:
     "steps_per_block": [int(s) for s in _STEPS.value],
     "threshold": [None if t.lower() == "none" else float(t) for t in _THRESHOLD.value],
     "cache_mode": list(_CACHE_MODE.value),
+    "order": list(_ORDER.value),
     "block_size": [int(b) for b in _BLOCK_SIZE.value],
   }
 
