@@ -7,10 +7,13 @@ import subprocess
 import sys
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import run_module
+from helpers import run_module, tiny_config
+from sdiff_jax import inference
 from sdiff_jax.data import pipeline, sources, tasks
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.evaluate import completions, sandbox
@@ -270,7 +273,13 @@ def test_evaluate_cli_tasks_suites(tasks_workdir, tmp_path):
   )
   assert run.returncode == 0, run.stderr[-3000:]
   rows = json.loads(out.read_text())["rows"]
-  completed = [r for r in rows if r["suite"] == "tasks"]
+  completed = [r for r in rows if r["suite"] == "tasks" and r["metric"] == "pass@1"]
+  blocks = [r for r in rows if r["metric"] in ("block_accuracy", "correct_run")]
+  assert [(r["split"], r["metric"]) for r in blocks] == [
+    (s, m) for s in ("test", "combos") for m in ("block_accuracy", "correct_run")
+  ]
+  assert all(0 <= r["value"] <= r["block_size"] and r["n"] == 3 for r in blocks)
+  assert len(blocks[0]["by_offset"]) == blocks[0]["block_size"]
   assert [(r["split"], r["steps_per_block"]) for r in completed] == [
     ("test", 1), ("test", 4), ("combos", 1), ("combos", 4)
   ]  # fmt: skip
@@ -282,6 +291,47 @@ def test_evaluate_cli_tasks_suites(tasks_workdir, tmp_path):
     ("test", 1), ("test", 4), ("combos", 1), ("combos", 4)
   ]  # fmt: skip
   assert "| tasks | test: steps_per_block=4 | pass@1 |" in run.stdout
+
+
+def test_leading_run_matches_a_loop():
+  rng = np.random.default_rng(0)
+  correct = rng.random((200, 12)) < 0.8
+  scored = np.arange(12)[None] < rng.integers(0, 13, 200)[:, None]  # a body's tail unscored
+  expected = [
+    next((k for k in range(12) if s[k] and not c[k]), int(s.sum())) for c, s in zip(correct, scored)
+  ]
+  assert suite.leading_run(correct, scored).tolist() == expected
+
+
+class _Oracle:
+  """Stands in for an Objective: logits that put all mass on the clean token, except at
+  the block's `wrong_offset`-th position (1-based; 0: none)."""
+
+  mode = "bidirectional"
+
+  def __init__(self, wrong_offset=0):
+    self.wrong_offset = wrong_offset
+
+  def logits(self, params, noisy_BxL, batch):
+    tokens_BxL = batch["tokens"]
+    if self.wrong_offset:
+      masked_BxL = noisy_BxL == tokenizer_lib.MASK_ID
+      offset_BxL = jnp.cumsum(masked_BxL, axis=1) * masked_BxL
+      tokens_BxL = jnp.where(offset_BxL == self.wrong_offset, tokenizer_lib.EOS_ID, tokens_BxL)
+    return jax.nn.one_hot(tokens_BxL, tokenizer_lib.BYTE_VOCAB_SIZE) * 30.0
+
+
+@pytest.mark.parametrize("wrong_offset, run", [(0, 16), (3, 2)])
+def test_block_rows_measure_what_one_forward_gets_right(wrong_offset, run):
+  config = tiny_config("tasks")  # block_size 16; every body is longer
+  config.data.seq_len = 512
+  loaded = inference.Loaded(config, tokenizer_lib.ByteTokenizer(), None)
+  rows = suite.block_rows(_Oracle(wrong_offset), loaded, splits=("test",), num_tasks=5)
+  accuracy, correct_run = rows
+  assert accuracy["metric"] == "block_accuracy" and correct_run["metric"] == "correct_run"
+  assert correct_run["value"] == run and accuracy["n"] == 5
+  assert accuracy["value"] == pytest.approx(1.0 if not wrong_offset else 15 / 16)
+  assert accuracy["by_offset"] == [0.0 if k + 1 == wrong_offset else 1.0 for k in range(16)]
 
 
 def test_function_prompts_carry_the_documents_context_and_tests():

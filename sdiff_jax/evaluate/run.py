@@ -296,7 +296,10 @@ def _tasks_rows(loaded, objective, o: Options, fill_lines: bool) -> list[dict]:
   if fill_lines:
     steps = o.grid.get("steps_per_block") or (1,)
     return tasks_suite.infill_rows(objective, loaded, steps=steps, **common)
-  return tasks_suite.rows(
+  blocks = []
+  if objective.mode != "causal":
+    blocks = tasks_suite.block_rows(objective, loaded, **common)
+  return blocks + tasks_suite.rows(
     loaded,
     samples=t["samples"],
     temperature=t["temperature"],

@@ -15,6 +15,10 @@ the line had, and the rest of the body and the asserts after it, fills the line
 (`infill.fill`) and the program runs: a causal model cannot see the suffix, so it does
 not apply.
 
+For a diffusion model the suite also measures what one forward gets right
+(`block_rows`): the body's first block masked after the prompt, the argmax accuracy per
+offset and the leading run of correct tokens, the ceiling of exact tokens per forward.
+
 A candidate the sandbox could not run (an "error" verdict after `run_until_verdict`'s
 retries) has no verdict: it is left out of n, counted in the row, never a failure.
 """
@@ -24,7 +28,11 @@ import dataclasses
 import random
 from typing import Any, Sequence
 
+import jax.numpy as jnp
+import numpy as np
+
 from sdiff_jax.data import tasks as tasks_lib
+from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.evaluate import completions, humaneval, infill, judge, sandbox, validity
 
 SPLITS = ("test", "combos")
@@ -154,6 +162,92 @@ def rows(
         f"{extra['completion_entropy']:.2f} bits; {extra['tokens_per_forward']:.2f} "
         f"tokens/forward, {extra['tokens_per_s']:.0f} tokens/s"
       )
+  return out
+
+
+def leading_run(correct_NxK: np.ndarray, scored_NxK: np.ndarray) -> np.ndarray:
+  """int[N]: how many scored positions from the first are correct in a row (a row's
+  unscored tail, past its body's end, neither breaks nor extends the run)."""
+  good_NxK = np.cumprod(correct_NxK | ~scored_NxK, axis=1).astype(bool) & scored_NxK
+  return good_NxK.sum(axis=1)
+
+
+def block_rows(
+  objective,
+  loaded,
+  *,
+  splits: Sequence[str] = SPLITS,
+  num_tasks: int = 128,
+  seed: int = 0,
+  chunk: int = 16,
+  progress=print,
+) -> list[dict[str, Any]]:
+  """What one forward gets right (diffusion models): per split, the body's first block
+  (`diffusion.block_size` tokens, fewer for a shorter body) fully masked after the
+  task's prompt, nothing after it, in the training forward. Rows: `block_accuracy`
+  (argmax accuracy over the block's tokens, `by_offset` per position) and `correct_run`
+  (the leading run of correct argmax tokens: how many tokens one forward could commit
+  and keep the body right, the ceiling of exact tokens per forward)."""
+  size = loaded.config.diffusion.block_size
+  out = []
+  for split in splits:
+    task_list = items(split, num_tasks, seed)
+    tok = loaded.tokenizer
+    pairs = [
+      (
+        [tokenizer_lib.BOS_ID] + tok.encode(prompt(t)),
+        tok.encode(t.prompt[len(prompt(t)) :] + t.body)[:size],
+      )
+      for t in task_list
+    ]
+    pairs = [(p, b) for p, b in pairs if len(p) + len(b) <= loaded.config.data.seq_len]
+    correct, scored = [], []
+    for first in range(0, len(pairs), chunk):
+      part = pairs[first : first + chunk]
+      length = max(len(p) + size for p, _ in part)
+      tokens, seg, block = (np.zeros((len(part), length), dt) for dt in (np.int32, np.int32, bool))
+      for i, (p, b) in enumerate(part):
+        tokens[i, : len(p) + len(b)] = p + b
+        seg[i, : len(p) + len(b)] = 1
+        block[i, len(p) : len(p) + len(b)] = True
+      batch = {
+        "tokens": jnp.asarray(tokens),
+        "segment_ids": jnp.asarray(seg),
+        "positions": jnp.asarray(np.broadcast_to(np.arange(length), tokens.shape)),
+      }
+      noisy = jnp.where(jnp.asarray(block), tokenizer_lib.MASK_ID, batch["tokens"])
+      predicted = np.asarray(objective.logits(loaded.params, noisy, batch).argmax(-1))
+      for i, (p, _) in enumerate(part):
+        window = slice(len(p), len(p) + size)
+        correct.append(predicted[i, window] == tokens[i, window])
+        scored.append(block[i, window])
+    correct_NxK, scored_NxK = np.stack(correct), np.stack(scored)
+    run_N = leading_run(correct_NxK, scored_NxK)
+    per_task = (correct_NxK & scored_NxK).sum(1) / scored_NxK.sum(1)
+    by_offset = (correct_NxK & scored_NxK).sum(0) / np.maximum(scored_NxK.sum(0), 1)
+    n = len(pairs)
+    extra = dict(split=split, block_size=size, prompts_too_long=len(task_list) - n)
+    for metric, values, more in (
+      ("block_accuracy", per_task, {"by_offset": [round(float(a), 3) for a in by_offset]}),
+      ("correct_run", run_N, {}),
+    ):
+      se = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+      out.append(
+        {
+          "suite": "tasks",
+          "metric": metric,
+          "value": float(values.mean()),
+          "stderr": se,
+          "n": n,
+          **extra,
+          **more,
+        }
+      )
+    progress(
+      f"tasks [{split}]: one forward over a masked {size}-token block of the body: accuracy "
+      f"{per_task.mean():.3f}, the first {run_N.mean():.2f} tokens right in a row on average "
+      f"(by offset: {' '.join(f'{a:.2f}' for a in by_offset[:8])} ...)"
+    )
   return out
 
 
