@@ -70,4 +70,13 @@ def get_config(arg: str = "bidirectional"):
   c.train.eval_every = 100
   c.train.eval_batches = 8
   c.train.checkpoint_every = 100
+  if corpus == "tasks":  # the chain (python -m sdiff_jax.chain) on the testbed
+    # Prompts are the tasks' (at most 99 tokens, helper included), bodies at most 47.
+    c.onpolicy.update(prompt_len=128, max_new_tokens=64, verifiers="tests,varied")
+    c.chain.update(
+      pool_prompt_len=128,
+      pool_max_new_tokens=64,
+      pool_steps_per_block=(32, 8),  # the most accurate trajectories, and faster ones
+      eval_steps_per_block=(1, 4, 8, 32),  # 32, 8, 4 and 1 tokens per forward
+    )
   return c

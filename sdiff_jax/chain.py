@@ -17,11 +17,15 @@ Stages (WORKDIR/<name>; each starts from the previous one's model):
 
 Stages 3 and 4 train at `chain.learning_rate` with `chain.warmup_steps`. Rerunning the
 command resumes: finished stages are skipped, an interrupted one continues from its
-checkpoint. At the end each stage's model is evaluated (`chain.eval_prompts` validity
-prompts, 0 skips it) at the on-policy sampler's setting and at
-`chain.eval_steps_per_block`: held-out ELBO, parse rate, the completions' unigram
-entropy (repetition parses; real function bodies have ~4.9 bits) and tokens per forward,
-as a table on stdout and rows in WORKDIR/chain.json.
+checkpoint. At the end each stage's model is evaluated (`chain.eval_prompts` > 0) at
+`chain.eval_steps_per_block` and the on-policy sampler's steps per block, each with and
+without its threshold: held-out ELBO and, on the task testbed (`data.source="tasks"`),
+pass@1 of `chain.eval_tasks` tasks per split (test, combos) with the completions'
+unigram entropy and tokens per forward, plotted in WORKDIR/chain.png (pass@1 against
+tokens per forward, a line per stage); on other corpora the validity parse rate (real
+function bodies have ~4.9 bits of entropy; repetition parses). `chain.ar_workdir` adds
+a causal model (the same-budget AR baseline) as stage "ar". A table goes to stdout, the
+rows to WORKDIR/chain.json.
 """
 
 import json
@@ -35,6 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdiff_jax import checkpointing, config_lib, sharding, train, trajectories
+from sdiff_jax.data import tasks as tasks_lib
 from sdiff_jax.evaluate import run as evaluate_lib
 
 TRAINED = ("pretrain", "distill", "onpolicy")
@@ -82,6 +87,8 @@ def run(
   if config.attention == "causal":
     raise ValueError("the chain trains a diffusion model: attention must not be 'causal'")
   configs = stage_configs(config, root)
+  if config.chain.ar_workdir:  # a clear error now, not after the training
+    checkpointing.Workdir(config.chain.ar_workdir).read_config()
   for number, name in enumerate(("pretrain", "pool", "distill", "onpolicy"), 1):
     log(f"===== stage {number}/4: {name} ({os.path.join(root, name)})")
     if name == "pool":
@@ -101,59 +108,134 @@ def run(
       return []
   if config.chain.eval_prompts <= 0:
     return []
-  o = config.onpolicy
-  steps = sorted({*config.chain.eval_steps_per_block, o.steps_per_block})
-  options = evaluate_lib.Options(
-    suites=("nelbo", "validity"),
-    num_prompts=config.chain.eval_prompts,
-    heldout_rows=config.chain.eval_heldout_rows,
-    max_new_tokens=o.max_new_tokens,
-    grid={"steps_per_block": steps, "threshold": (None, o.threshold)},
-  )
-  rows = []
-  for name in TRAINED:
-    log(f"===== evaluating {name}")
-    rows += [{"stage": name, **r} for r in evaluate_lib.evaluate(os.path.join(root, name), options)]
+  rows = evaluate_stages(config, root, log)
   if jax.process_index() == 0:
     with open(os.path.join(root, "chain.json"), "w") as f:
       json.dump(rows, f, indent=1)
     log(table(rows))
+    if any(r["suite"] == "tasks" for r in rows):
+      plot_tasks(rows, os.path.join(root, "chain.png"), log)
   return rows
 
 
+def evaluate_stages(
+  config: ml_collections.ConfigDict, root: str, log: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
+  """Each trained stage's evaluation rows (`stage` added), and the AR baseline's
+  (`chain.ar_workdir`, stage "ar") where one is named. On the task corpus: held-out ELBO
+  and the tasks suite (pass@1 on test and combos); otherwise held-out ELBO and validity.
+  Settings: `chain.eval_steps_per_block` and the on-policy sampler's steps per block, each
+  with and without the on-policy sampler's threshold."""
+  c, o = config.chain, config.onpolicy
+  on_tasks = tasks_lib.is_source(config.data.source) and c.eval_tasks > 0
+  steps = sorted({*c.eval_steps_per_block, o.steps_per_block})
+  options = evaluate_lib.Options(
+    suites=("nelbo", "tasks") if on_tasks else ("nelbo", "validity"),
+    num_prompts=c.eval_prompts,
+    heldout_rows=c.eval_heldout_rows,
+    max_new_tokens=o.max_new_tokens,
+    grid={"steps_per_block": steps, "threshold": (None, o.threshold)},
+    tasks={"num": c.eval_tasks, "max_new_tokens": o.max_new_tokens},
+  )
+  stages = {name: os.path.join(root, name) for name in TRAINED}
+  if c.ar_workdir:
+    stages = {"ar": c.ar_workdir, **stages}
+  rows = []
+  for name, workdir in stages.items():
+    log(f"===== evaluating {name}")
+    rows += [{"stage": name, **r} for r in evaluate_lib.evaluate(workdir, options)]
+  return rows
+
+
+def plot_tasks(rows: list[dict[str, Any]], path: str, log: Callable[[str], None] = print) -> None:
+  """chain.png: tasks pass@1 against tokens per forward, one panel per split, one line per
+  stage through its fixed-step settings (hollow markers: with the threshold), the AR
+  baseline as one point."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    log("matplotlib is not installed: no chain.png (pip install matplotlib)")
+    return
+  mine = [r for r in rows if r["suite"] == "tasks" and r["metric"] == "pass@1"]
+  splits = list(dict.fromkeys(r["split"] for r in mine))
+  fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
+  for ax, split in zip(axes[0], splits):
+    for stage in dict.fromkeys(r["stage"] for r in mine):
+      points = [r for r in mine if r["split"] == split and r["stage"] == stage]
+      for thresholded in (False, True):
+        line = sorted(
+          (r for r in points if (r["settings"].get("threshold") is not None) == thresholded),
+          key=lambda r: r["tokens_per_forward"],
+        )
+        if not line:
+          continue
+        ax.errorbar(
+          [r["tokens_per_forward"] for r in line],
+          [r["value"] for r in line],
+          yerr=[r["stderr"] for r in line],
+          marker="s" if stage == "ar" else "o",
+          markerfacecolor="none" if thresholded else None,
+          linestyle=":" if thresholded else "-",
+          capsize=3,
+          label=stage + (" (threshold)" if thresholded else ""),
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("pass@1")
+    ax.set_ylim(-0.02, 1.0)
+    ax.set_title(f"tasks: {split} split")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  log(f"wrote {path}")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-  """Stage x (held-out ELBO; parse rate, completion entropy and tokens per forward per
-  sampler setting)."""
+  """Stage x (held-out bits; per sampler setting the tasks' pass@1 per split, or the
+  validity parse rate, with the completions' entropy and tokens per forward)."""
+  tasks = any(r["suite"] == "tasks" for r in rows)
+  suite, metric = ("tasks", "pass@1") if tasks else ("validity", "parses")
   settings = []
   for r in rows:
-    if r["metric"] == "parses" and r["settings"] not in settings:
+    if r["suite"] == suite and r["metric"] == metric and r["settings"] not in settings:
       settings.append(r["settings"])
 
   def label(s: dict[str, Any]) -> str:
+    if not s:
+      return "token by token"
     threshold = s.get("threshold")
     return f"{s['steps_per_block']} steps" + (
       "" if threshold is None else f", threshold {threshold}"
     )
 
+  what = "pass@1 test / combos" if tasks else "parses"
   lines = [
-    "| stage | held-out ELBO (bits/token) | "
-    + " | ".join(f"parses, entropy @ {label(s)}" for s in settings)
-    + " |",
-    "|---" * (2 + len(settings)) + "|",
+    "| stage | held-out bits/token (ELBO; AR: NLL) | setting | "
+    + f"{what}, entropy (tokens/forward) |",
+    "|---|---|---|---|",
   ]
-  for name in TRAINED:
+  for name in dict.fromkeys(r["stage"] for r in rows):
     mine = [r for r in rows if r["stage"] == name]
-    elbo = [r for r in mine if r["suite"] == "nelbo" and r["metric"] == "bits_elbo"]
-    cells = [f"{elbo[0]['value']:.3f} +- {elbo[0]['stderr']:.3f}" if elbo else "-"]
+    bits = [r for r in mine if r["suite"] == "nelbo" and r["metric"] in ("bits_elbo", "bits_nll")]
+    first = f"{bits[0]['value']:.3f} +- {bits[0]['stderr']:.3f}" if bits else "-"
+    stage = name
     for s in settings:
-      hit = {r["metric"]: r for r in mine if r["suite"] == "validity" and r["settings"] == s}
-      cells.append(
-        f"{hit['parses']['value']:.2f}, {hit['completion_entropy']['value']:.1f} bits "
-        f"({hit['parses']['tokens_per_forward']:.2f} tok/fwd)"
-        if hit
-        else "-"
+      hit = [
+        r for r in mine if r["suite"] == suite and r["metric"] == metric and r["settings"] == s
+      ]
+      if not hit:
+        continue
+      values = " / ".join(f"{r['value']:.3f} +- {r['stderr']:.3f}" for r in hit)
+      lines.append(
+        f"| {stage} | {first} | {label(s)} | {values}, {hit[0]['completion_entropy']:.2f} bits "
+        f"({hit[0]['tokens_per_forward']:.2f}) |"
       )
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+      stage = first = ""
   return "\n".join(lines)
 
 

@@ -145,6 +145,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.chain.eval_prompts = 32  # validity prompts per stage's evaluation (0: no evaluation)
   c.chain.eval_heldout_rows = 64  # held-out rows of its ELBO
   c.chain.eval_steps_per_block = (4,)  # beside the on-policy sampler's setting
+  c.chain.eval_tasks = 64  # tasks per split (test, combos) on the task corpus (0: validity)
+  c.chain.ar_workdir = ""  # a causal workdir evaluated beside the stages (stage "ar")
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000

@@ -71,6 +71,7 @@ import ml_collections
 import numpy as np
 
 from sdiff_jax import config_lib, inference, sampling, trajectories
+from sdiff_jax.data import tasks as tasks_lib
 from sdiff_jax.data import tokenizer as tokenizer_lib
 from sdiff_jax.evaluate import judge as judge_lib
 from sdiff_jax.evaluate import validity
@@ -222,8 +223,12 @@ class Rollouts:
     self.config, self.tokenizer, self.rows = config, tokenizer, rows
     self.prompts, self.prompt_ids = [], []
     tests = "tests" in o.verifiers.split(",")
+    # A task's prompt carries its helper (the body may call it), as the tasks suite's does.
+    on_tasks = tasks_lib.is_source(config.data.source)
     for item in validity.function_prompts(texts, o.num_prompts):
-      ids = [tokenizer_lib.BOS_ID] + tokenizer.encode(item.prompt)
+      ids = [tokenizer_lib.BOS_ID] + tokenizer.encode(
+        item.context + item.prompt if on_tasks else item.prompt
+      )
       if len(ids) <= o.prompt_len and (item.tests or not tests):
         self.prompts.append(item)
         self.prompt_ids.append(ids)

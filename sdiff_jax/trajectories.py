@@ -52,7 +52,9 @@ from array_record.python import array_record_module as array_record
 
 from sdiff_jax import config_lib, inference, sampling
 from sdiff_jax.data import pipeline
+from sdiff_jax.data import tasks as tasks_lib
 from sdiff_jax.data import tokenizer as tokenizer_lib
+from sdiff_jax.evaluate import validity
 from sdiff_jax.objective import Objective
 
 MASK = tokenizer_lib.MASK_ID
@@ -157,17 +159,28 @@ def document_prompts(
   process_count: int = 1,
 ) -> list[tuple[int, list[int]]]:
   """(document index, BOS + first `prompt_len` tokens) of training documents long enough
-  to continue for `max_new_tokens`, this process's share (index modulo process count)."""
+  to continue for `max_new_tokens`, this process's share (index modulo process count).
+
+  On the task corpus (`data.source="tasks"`) a prompt is instead a task's own prompt: its
+  helper, `def` line and docstring (at most `prompt_len` tokens), as the tasks suite and
+  the on-policy stage prompt, so that the trajectories are function bodies."""
   if prompt_len + 1 + max_new_tokens > loaded.config.data.seq_len:
     raise ValueError(
       f"prompt_len={prompt_len} + BOS + max_new_tokens={max_new_tokens} exceeds the model's "
       f"context of {loaded.config.data.seq_len} (data.seq_len)"
     )
+  on_tasks = tasks_lib.is_source(loaded.config.data.source)
   prompts = []
   for index, text in enumerate(pipeline.load_texts(loaded.config.data, "train")):
     if len(prompts) == num_prompts:
       break
     if index % process_count != process_index:
+      continue
+    if on_tasks:
+      items = validity.function_prompts([text], 1)
+      ids = loaded.tokenizer.encode(items[0].context + items[0].prompt) if items else []
+      if ids and len(ids) <= prompt_len:
+        prompts.append((index, [tokenizer_lib.BOS_ID] + ids))
       continue
     ids = loaded.tokenizer.encode(text)
     if len(ids) >= prompt_len + max_new_tokens:
@@ -203,7 +216,9 @@ def build_pool(workdir: str, out: str, o: PoolOptions, log=print) -> list[str]:
   prompts = document_prompts(loaded, o.prompt_len, o.max_new_tokens, o.num_prompts, process, count)
   if not prompts:
     raise ValueError(
-      f"no training document has {o.prompt_len + o.max_new_tokens} tokens: lower prompt_len"
+      f"no training task's prompt fits prompt_len={o.prompt_len} tokens: raise it"
+      if tasks_lib.is_source(loaded.config.data.source)
+      else f"no training document has {o.prompt_len + o.max_new_tokens} tokens: lower prompt_len"
     )
   chunks = [prompts[i : i + o.chunk_prompts] for i in range(0, len(prompts), o.chunk_prompts)]
   decoder = sampling.Decoder(config_lib.model_config(loaded.config, loaded.tokenizer.vocab_size))

@@ -187,6 +187,11 @@ def test_unit_test_verifier_needs_documents_with_tests(code_corpus_dir):
   tok = tokenizer_lib.ByteTokenizer()
   rollouts = onpolicy.Rollouts(config, tok, sources.load_corpus("tasks", "train"), rows=8)
   assert all(p.tests.startswith("assert ") for p in rollouts.prompts)
+  # a task's prompt carries its helper, which the body may call (the tasks suite's prompt)
+  assert [tok.decode(ids) for ids in rollouts.prompt_ids] == [
+    p.context + p.prompt for p in rollouts.prompts
+  ]
+  assert any(p.context.startswith("def is_") for p in rollouts.prompts)
   params = Objective(config, tok.vocab_size).init_params(jax.random.key(0), 512)
   assert {r.verified for r in rollouts.sample(params, step=0)} == {0.0}  # untrained: all fail
 
