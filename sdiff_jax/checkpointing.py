@@ -8,7 +8,9 @@
     WORKDIR/tfds/           ArrayRecords when data.backend="tfds" and no tfds_data_dir
 
 A resumed run restores the state and its data position; sampling and evaluation
-restore the parameters alone (`restore_params`), without the optimizer's moments.
+restore the parameters alone (`restore_params`), without the optimizer's moments. An
+imported model (`sdiff_jax.convert`) holds checkpoint 0 with its parameters alone
+(`save_params`): runs start from it through `train.init_from`.
 """
 
 import dataclasses
@@ -137,6 +139,16 @@ def restore_params(workdir: Workdir, step: int, abstract_params: Any) -> Any:
   finally:
     mngr.close()
   return restored["state"]["params"]
+
+
+def save_params(workdir: Workdir, params: Any, step: int = 0) -> None:
+  """Saves `params` alone as checkpoint `step` (`{"params": ...}` in `state`, no optimizer
+  state nor data position): what `restore_params` and `train.init_from` read."""
+  with ocp.CheckpointManager(
+    workdir.checkpoints, options=ocp.CheckpointManagerOptions(create=True)
+  ) as mngr:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+    mngr.wait_until_finished()
 
 
 def saved_vocab_size(workdir: Workdir, step: int) -> int | None:

@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   # bidirectional + diffusion.shift: output t also reads position t + 1's final state (the
   # target's own input), so keeping or correcting a visible token is learnable at once
   c.model.read_next = False
+  c.model.qkv_bias = False  # biases on the query, key and value projections (imported Qwen2)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.block_size = 32  # block length of block_causal training; sampling's default

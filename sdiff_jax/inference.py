@@ -111,7 +111,7 @@ def encode_prompts(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int) 
   """BOS + tokens of each prompt; a ValueError if a prompt does not fit the model's context."""
   context = loaded.config.data.seq_len
   ids = [[tokenizer_lib.BOS_ID] + loaded.tokenizer.encode(p) for p in prompts]
-  if loaded.tokenizer.kind == "bpe" and any(p[-1:].isspace() for p in prompts):
+  if loaded.tokenizer.kind in ("bpe", "hf") and any(p[-1:].isspace() for p in prompts):
     logging.warning(
       "a prompt ends with whitespace: the BPE merges a newline with the next line's "
       "indentation, so the model rarely saw a token boundary there; completions are "

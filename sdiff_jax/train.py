@@ -533,6 +533,7 @@ _SHAPE_FIELDS = (
   "head_dim",
   "d_ff",
   "tie_embeddings",
+  "qkv_bias",
 )
 
 

@@ -1,8 +1,10 @@
-"""Tokenizers with fixed special ids: UTF-8 bytes, or a byte-level BPE (HF `tokenizers`).
+"""Tokenizers with fixed special ids: UTF-8 bytes, a byte-level BPE (HF `tokenizers`), or
+an imported model's own HF tokenizer ("hf", see `sdiff_jax.convert`).
 
-Both round-trip exactly: `decode(encode(text)) == text` for any valid text.
+Bytes and BPE round-trip exactly: `decode(encode(text)) == text` for any valid text ("hf": as
+exactly as its source tokenizer does; byte-level BPEs do).
 A tokenizer is saved as a directory: `tokenizer_meta.json` (kind, vocab_size)
-plus, for BPE, the HF `tokenizer.json`.
+plus, for BPE and hf, the HF `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ NUM_SPECIAL = 4  # real vocabulary ids are [NUM_SPECIAL, vocab_size)
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>")  # ids 0..3
 BYTE_VOCAB_SIZE = NUM_SPECIAL + 256
 MIN_BPE_VOCAB = BYTE_VOCAB_SIZE  # a BPE vocabulary holds every byte (and the specials)
-KINDS = ("byte", "bpe")
+KINDS = ("byte", "bpe", "hf")  # "hf" comes with an imported model (sdiff_jax.convert)
 
 META_FILE = "tokenizer_meta.json"
 BPE_FILE = "tokenizer.json"
@@ -117,6 +119,47 @@ class BPETokenizer(Tokenizer):
     _write_atomic(directory / BPE_FILE, self._hf.to_str())
 
 
+class HFTokenizer(Tokenizer):
+  """A pretrained model's HF tokenizer, shifted past our specials: our id = its id +
+  NUM_SPECIAL (`sdiff_jax.convert` maps the embedding rows the same way).
+
+  Its own special and added tokens (BOS, EOS, chat markers) are never produced from text
+  (text that spells one is encoded as ordinary text) and decode to nothing; no BOS or EOS
+  is added. `vocab_size` counts our rows: NUM_SPECIAL + the source's embedding rows, which
+  may exceed its vocabulary (padded embeddings).
+  """
+
+  kind = "hf"
+
+  def __init__(self, hf_tokenizer: tokenizers.Tokenizer, vocab_size: int):
+    if any(not t.special for t in hf_tokenizer.get_added_tokens_decoder().values()):
+      spec = json.loads(hf_tokenizer.to_str())  # added tokens: all special, so none is matched
+      for token in spec.get("added_tokens", []):
+        token["special"] = True
+      hf_tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    hf_tokenizer.encode_special_tokens = True
+    self._num_source = max(hf_tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    if NUM_SPECIAL + self._num_source > vocab_size:
+      raise ValueError(
+        f"HF tokenizer has ids up to {self._num_source - 1}: with {NUM_SPECIAL} specials "
+        f"that is more than vocab_size={vocab_size}."
+      )
+    self._hf = hf_tokenizer
+    self.vocab_size = vocab_size
+
+  def encode_array(self, text: str) -> np.ndarray:
+    ids = self._hf.encode(text, add_special_tokens=False).ids
+    return np.asarray(ids, dtype=np.int32) + NUM_SPECIAL
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)  # int64[N]
+    ids = ids[(ids >= NUM_SPECIAL) & (ids < NUM_SPECIAL + self._num_source)] - NUM_SPECIAL
+    return self._hf.decode(ids.tolist(), skip_special_tokens=True)
+
+  def _save_files(self, directory: pathlib.Path) -> None:
+    _write_atomic(directory / BPE_FILE, self._hf.to_str())
+
+
 def _first_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
   """The texts until `max_bytes` (UTF-8) have been given."""
   seen = 0
@@ -170,7 +213,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
         f"Corrupt tokenizer metadata {meta_path}: byte vocab_size must be {BYTE_VOCAB_SIZE}."
       )
     return ByteTokenizer()
-  if kind == "bpe":
+  if kind in ("bpe", "hf"):
     bpe_path = path / BPE_FILE
     if not bpe_path.is_file():
       raise FileNotFoundError(f"BPE tokenizer file {bpe_path} is missing.")
@@ -179,7 +222,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON.
       raise ValueError(f"Corrupt BPE tokenizer file {bpe_path}: {e}") from e
     try:
-      return BPETokenizer(hf, vocab_size)
+      return (BPETokenizer if kind == "bpe" else HFTokenizer)(hf, vocab_size)
     except ValueError as e:
       raise ValueError(f"Bad BPE tokenizer in {path}: {e}") from e
   raise ValueError(f"Corrupt tokenizer metadata {meta_path}: kind {kind!r} is not one of {KINDS}.")
@@ -195,12 +238,18 @@ def get_or_build_tokenizer(
   """Loads the tokenizer in `directory`, or builds it (BPE: trained on `texts()`, on the
   first `max_bytes` of them when positive) and saves it there.
 
-  `vocab_size` is ignored for kind 'byte'. A saved tokenizer whose kind or
-  vocab_size differ from the arguments raises a ValueError.
+  `vocab_size` is ignored for kinds 'byte' and 'hf' (the imported model's). A saved tokenizer
+  whose kind or vocab_size differ from the arguments raises a ValueError; so does kind 'hf'
+  when none is saved (it comes with an imported model's workdir, through train.init_from).
   """
   if kind not in KINDS:
     raise ValueError(f"Unknown tokenizer kind {kind!r}; valid choices: {KINDS}.")
   path = pathlib.Path(directory)
+  if kind == "hf" and not (path / META_FILE).exists():
+    raise ValueError(
+      f"No tokenizer in {path}: kind 'hf' is an imported model's own tokenizer "
+      "(python -m sdiff_jax.convert); start from its workdir with train.init_from."
+    )
   if (path / META_FILE).exists():
     tokenizer = load_tokenizer(path)
     if tokenizer.kind != kind or (kind == "bpe" and tokenizer.vocab_size != vocab_size):

@@ -56,6 +56,7 @@ class ModelConfig:
   # zero at init): with diffusion.shift, where output t predicts token t + 1, that is the
   # target position's own input, so keeping a clean token is a linear read (see objective.py)
   read_next: bool = False
+  qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
 
   @property
   def compute_dtype(self) -> Any:
@@ -64,7 +65,7 @@ class ModelConfig:
   def num_params(self) -> int:
     """Parameter count (embedding included)."""
     d, h, kv, dh, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
-    per_layer = d * dh * (h + 2 * kv) + h * dh * d + 3 * d * f + 2 * d
+    per_layer = (d + self.qkv_bias) * dh * (h + 2 * kv) + h * dh * d + 3 * d * f + 2 * d
     unembed = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + unembed + self.n_layers * per_layer + d
 
@@ -212,7 +213,15 @@ class Attention(nn.Module):
       kernel_DxHxDh = self.param(
         name, nn.with_logical_partitioning(init, axes), (cfg.d_model, heads, cfg.head_dim)
       )
-      return _einsum("btd,dhk->bthk", x_BxTxD, kernel_DxHxDh, dtype)
+      out_BxTxHxDh = _einsum("btd,dhk->bthk", x_BxTxD, kernel_DxHxDh, dtype)
+      if not cfg.qkv_bias:
+        return out_BxTxHxDh
+      bias_HxDh = self.param(
+        f"{name}_bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        (heads, cfg.head_dim),
+      )
+      return out_BxTxHxDh + bias_HxDh.astype(dtype)
 
     q_BxTxHxDh = proj(cfg.n_heads, "query", ("embed", "heads", "head_dim"))
     k_BxTxKxDh = proj(cfg.n_kv_heads, "key", ("embed", "kv_heads", "head_dim"))
