@@ -165,6 +165,7 @@ def plot_tasks(rows: list[dict[str, Any]], path: str, log: Callable[[str], None]
   for ax, split in zip(axes[0], splits):
     for stage in dict.fromkeys(r["stage"] for r in mine):
       points = [r for r in mine if r["split"] == split and r["stage"] == stage]
+      color = None  # the stage's, for its thresholded points too
       for thresholded in (False, True):
         line = sorted(
           (r for r in points if (r["settings"].get("threshold") is not None) == thresholded),
@@ -172,7 +173,7 @@ def plot_tasks(rows: list[dict[str, Any]], path: str, log: Callable[[str], None]
         )
         if not line:
           continue
-        ax.errorbar(
+        drawn = ax.errorbar(
           [r["tokens_per_forward"] for r in line],
           [r["value"] for r in line],
           yerr=[r["stderr"] for r in line],
@@ -180,8 +181,10 @@ def plot_tasks(rows: list[dict[str, Any]], path: str, log: Callable[[str], None]
           markerfacecolor="none" if thresholded else None,
           linestyle=":" if thresholded else "-",
           capsize=3,
+          color=color,
           label=stage + (" (threshold)" if thresholded else ""),
         )
+        color = drawn.lines[0].get_color()
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per forward")
     ax.set_ylabel("pass@1")
