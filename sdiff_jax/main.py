@@ -41,7 +41,10 @@ _PROMPTS = flags.DEFINE_multi_string(
   "prompts are given.",
 )
 _REPORT_TASKS = flags.DEFINE_integer(
-  "report_tasks", 128, "Task testbed: held-out test tasks completed for the final pass@1."
+  "report_tasks",
+  128,
+  "Task testbed: held-out test tasks completed for the final pass@1 (0: none).",
+  lower_bound=0,
 )
 _STEPS_PER_BLOCK = flags.DEFINE_integer(
   "steps_per_block", 4, "Denoising steps per block when sampling."
@@ -73,7 +76,8 @@ def main(argv):
     prompts = [p for p in _PROMPTS.value if p]
     if prompts and not result.preempted:  # every process: restoring onto the mesh is collective
       if tasks.is_source(_CONFIG.value.data.source) and not flags.FLAGS["sample_prompts"].present:
-        show_tasks()
+        if _REPORT_TASKS.value:
+          show_tasks()
       else:
         show_samples(prompts)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError, FloatingPointError) as e:

@@ -259,6 +259,20 @@ def test_main_job_prints_tasks_with_verdicts_and_pass_at_1(tasks_workdir):
   assert "tokens per forward" in summary
 
 
+def test_main_job_without_the_report(tasks_workdir):
+  workdir, _ = tasks_workdir  # trained: the rerun resumes at its last step and stops
+  run = run_module(
+    "sdiff_jax.main",
+    "--config=configs/tiny.py:tasks",
+    f"--workdir={workdir}",
+    "--config.data.seq_len=512",
+    "--config.train.num_steps=4",
+    "--report_tasks=0",
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "pass@1" not in run.stdout and "error" not in run.stderr
+
+
 def test_evaluate_cli_tasks_suites(tasks_workdir, tmp_path):
   workdir, _ = tasks_workdir
   out = tmp_path / "eval.json"
