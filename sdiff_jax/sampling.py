@@ -17,8 +17,9 @@ share `ceil(remaining / steps_left)` that finishes the block on time, or, with
 `threshold`, also every one above it. With `order="left_to_right"` the share is
 the leftmost masked positions instead (and, with `threshold`, the run of confident
 ones after them). With `self_correction`, committed tokens of the block that the
-model now replaces with confidence above `correction_threshold` are rewritten. Positions after a committed EOS are not
-needed; a row ends with its first EOS and the loop when every row has ended.
+model now replaces with confidence above `correction_threshold` are rewritten.
+Positions after a committed EOS are not needed; a row ends with its first EOS and the
+loop when every row has ended.
 
 Keys/values of a finished block, as later blocks read them:
 
