@@ -231,17 +231,9 @@ def block_rows(
       ("block_accuracy", per_task, {"by_offset": [round(float(a), 3) for a in by_offset]}),
       ("correct_run", run_N, {}),
     ):
-      se = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+      value, se = validity.mean_se(values)
       out.append(
-        {
-          "suite": "tasks",
-          "metric": metric,
-          "value": float(values.mean()),
-          "stderr": se,
-          "n": n,
-          **extra,
-          **more,
-        }
+        {"suite": "tasks", "metric": metric, "value": value, "stderr": se, "n": n, **extra, **more}
       )
     progress(
       f"tasks [{split}]: one forward over a masked {size}-token block of the body: accuracy "
