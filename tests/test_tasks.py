@@ -233,21 +233,24 @@ def test_infill_spans_rebuild_the_program():
     assert program == t.text
 
 
-@pytest.fixture(scope="module")
-def tasks_workdir(tmp_path_factory):
+def _main_job(workdir, *flags):
   """The main job on the testbed at tiny scale (configs/tiny.py:tasks, byte tokens)."""
-  workdir = tmp_path_factory.mktemp("tasks_run")
   run = run_module(
     "sdiff_jax.main",
     "--config=configs/tiny.py:tasks",
     f"--workdir={workdir}",
     "--config.data.seq_len=512",
     "--config.train.num_steps=4",
-    "--report_tasks=4",
-    "--steps_per_block=2",
+    *flags,
   )
   assert run.returncode == 0, run.stderr[-3000:]
-  return workdir, run.stdout
+  return run
+
+
+@pytest.fixture(scope="module")
+def tasks_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("tasks_run")
+  return workdir, _main_job(workdir, "--report_tasks=4", "--steps_per_block=2").stdout
 
 
 def test_main_job_prints_tasks_with_verdicts_and_pass_at_1(tasks_workdir):
@@ -261,15 +264,7 @@ def test_main_job_prints_tasks_with_verdicts_and_pass_at_1(tasks_workdir):
 
 def test_main_job_without_the_report(tasks_workdir):
   workdir, _ = tasks_workdir  # trained: the rerun resumes at its last step and stops
-  run = run_module(
-    "sdiff_jax.main",
-    "--config=configs/tiny.py:tasks",
-    f"--workdir={workdir}",
-    "--config.data.seq_len=512",
-    "--config.train.num_steps=4",
-    "--report_tasks=0",
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
+  run = _main_job(workdir, "--report_tasks=0")
   assert "pass@1" not in run.stdout and "error" not in run.stderr
 
 
