@@ -70,8 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.edit_op_probs = (1 / 3, 1 / 3, 1 / 3)  # substitution, del-ins pair, ins-del pair
   c.diffusion.time_eps = 1e-3  # t ~ U(time_eps, 1)
   c.diffusion.antithetic = True  # evenly spaced t across the batch
-  # Bidirectional models: the output at i-1 predicts token i, as an AR model's does
-  # (see objective.py); sampling follows the model's setting.
+  # The output at i-1 predicts token i, as an AR model's does (see objective.py; causal
+  # models ignore it); sampling follows the model's setting.
   c.diffusion.shift = False
   # What the mask term trains on (the reported mask_bits are the ELBO either way): "elbo"
   # (gamma'/gamma-weighted NLL of the masked tokens per token) or "masked_mean" (the mean
@@ -335,13 +335,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       d.vocab_size,
       f"a BPE vocabulary needs at least {tokenizer_lib.MIN_BPE_VOCAB} ids "
       f"(256 bytes + {tokenizer_lib.NUM_SPECIAL} specials)",
-    )
-  if config.diffusion.shift and config.attention == "block_causal":
-    _fail(
-      "diffusion.shift",
-      True,
-      "is implemented for bidirectional models (and ignored by "
-      "causal ones), not yet for block_causal",
     )
   if config.attention == "block_causal" and d.seq_len % config.diffusion.block_size:
     _fail(

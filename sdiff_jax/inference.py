@@ -95,12 +95,19 @@ def load_model(workdir: str, step: int | None = None) -> Loaded:
   return Loaded(config, tok, params)
 
 
-def settings_for(config: ml_collections.ConfigDict, **overrides) -> sampling.Settings:
-  """Sampling settings for a workdir's model: its attention mode and block size by default."""
+def settings_for(
+  config: ml_collections.ConfigDict,
+  *,
+  tokenizer: tokenizer_lib.Tokenizer | None = None,
+  **overrides,
+) -> sampling.Settings:
+  """Sampling settings for a workdir's model: its attention mode and block size by default,
+  and its tokenizer's stop ids when given."""
   defaults = {
     "attention": config.attention,
     "block_size": config.diffusion.block_size,
-    "shift": bool(config.diffusion.shift) and config.attention == "bidirectional",
+    "shift": bool(config.diffusion.shift) and config.attention != "causal",
+    "stop_ids": tokenizer.stop_ids if tokenizer is not None else (),
   }
   settings = sampling.Settings(**{**defaults, **overrides})
   settings.validate()
@@ -141,7 +148,7 @@ def complete(
   prompts then reuse one compilation.
   """
   loaded = load_model(model) if isinstance(model, (str, os.PathLike)) else model
-  s = settings_for(loaded.config, **settings)
+  s = settings_for(loaded.config, tokenizer=loaded.tokenizer, **settings)
   ids = encode_prompts(loaded, prompts, s.max_new_tokens)
   prompt_BxP, lens_B = sampling.left_pad(ids, prompt_len)
   decoder = sampling.Decoder(config_lib.model_config(loaded.config, loaded.tokenizer.vocab_size))

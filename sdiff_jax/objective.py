@@ -14,9 +14,8 @@ The curriculum stage (`config_lib.STAGES`) is "ar", "mask", "mask+edit" or "dist
 * "distill" (a run with `distill.pool`): constrained-order distillation on (state, final)
   pairs of the model's own selected trajectories (`distill_loss`, `trajectories.py`).
 
-With `diffusion.shift` (bidirectional models), the output at position i-1 predicts the
-token at i, as in an AR model (Dream, DiffuCoder keep it when they adapt one): a
-masked token then reads its left neighbour's identity from that position's residual
+With `diffusion.shift`, the output at position i-1 predicts the token at i, as in an AR
+model (Dream, DiffuCoder, Fast-dLLM v2 keep it when they adapt one): a masked token then reads its left neighbour's identity from that position's residual
 stream instead of having to learn attention to it. A document chunk's first token
 has no left neighbour in the row: it is never masked nor scored. With `model.read_next`
 the output at i-1 also reads position i's final state (zero-initialised), so keeping or
@@ -32,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from sdiff_jax import config_lib, corruption, losses, schedules
 from sdiff_jax.data import tokenizer as tokenizer_lib
@@ -74,12 +74,23 @@ class Objective:
       length = inputs_BxL.shape[1]
       tokens_Bx2L = jnp.concatenate([inputs_BxL, batch["tokens"]], axis=1)
       pos_Bx2L = jnp.concatenate([pos_BxL, pos_BxL], axis=1)
-      logits, _ = self.model.apply({"params": params}, tokens_Bx2L, pos_Bx2L, mask)
-      return logits[:, :length]
+      outputs = self._block_causal_outputs(length) if self.shift else (0, length)
+      logits, _ = self.model.apply({"params": params}, tokens_Bx2L, pos_Bx2L, mask, outputs=outputs)
+      return logits
     logits_BxLxV, _ = self.model.apply({"params": params}, inputs_BxL, pos_BxL, mask)
     if self.shift:  # output i-1 predicts token i (token 0's logits: never scored)
       logits_BxLxV = jnp.concatenate([logits_BxLxV[:, :1], logits_BxLxV[:, :-1]], axis=1)
     return logits_BxLxV
+
+  def _block_causal_outputs(self, length: int) -> np.ndarray:
+    """block_causal + shift: which of the `[x_t ; x_0]` outputs predicts each token. Output
+    i-1 predicts token i: the noisy copy's inside a block; for a block's first token the
+    clean copy's before it (token-causal: the AR prediction from the clean prefix), as the
+    sampler's forward reads it from the committed token before the block. Token 0: never
+    scored (its own output stands in)."""
+    idx_L = np.arange(length)
+    first_L = idx_L % self.config.diffusion.block_size == 0
+    return np.where(first_L, length + idx_L - 1, idx_L - 1).clip(0)
 
   def state_nll(self, params, state_BxL: jax.Array, batch: Batch) -> jax.Array:
     """float32[B, L]: -log p(batch["tokens"] | state) per position (nats), for a decoding

@@ -243,6 +243,7 @@ class Rollouts:
       )
     self.settings = inference.settings_for(
       config,
+      tokenizer=tokenizer,
       steps_per_block=o.steps_per_block,
       threshold=o.threshold,
       temperature=o.temperature,

@@ -23,9 +23,10 @@ loop when every row has ended.
 
 Keys/values of a finished block, as later blocks read them:
 
-* `block_causal` (exact, whatever `cache_mode`): one forward of the final block
-  j-1 with a token-causal mask, before block j, writes its clean K/V exactly as
-  training sees the clean stream.
+* `block_causal` (exact, whatever `cache_mode`): the first denoising forward of
+  block j > 0 takes [final tokens of block j-1 ; block j] as fold does below, but the
+  block j-1 half is token-causal: it writes block j-1's clean K/V exactly as training
+  sees the clean stream, and block j sees them in the same forward (no extra forward).
 * `bidirectional`, `cache_mode="fold"` (default): the first denoising forward
   of block j > 0 takes 2K tokens, [final tokens of block j-1 ; block j], as the
   contiguous positions [start-K, start+K): it rewrites block j-1's slots with
@@ -56,7 +57,7 @@ then sees the suffix), except suffix keys at or past position P +
 `max_new_tokens`, which nobody sees. The suffix's K/V go to slots nobody reads
 before they are rewritten: later blocks' slots and N - K more slots at the end.
 
-`shift` (bidirectional models trained with `diffusion.shift`): the output at
+`shift` (models trained with `diffusion.shift`): the output at
 position i-1 predicts token i. Each denoising forward then also takes the token
 before the block (the prompt's last token, or the previous block's last) as its
 first input, which sees only what precedes it (so the K/V it rewrites are the
@@ -122,6 +123,9 @@ class Settings:
   suffix_mask: bool = False  # bidirectional models: forwards also see the rest as MASK
   suppress_eos: bool = False  # rows never end (benchmarks: every row generates max_new_tokens)
   shift: bool = False  # the model's output at i-1 predicts token i (diffusion.shift)
+  # sampled, these end the row as EOS does (they are recorded as EOS): an imported model's
+  # own special tokens, `Tokenizer.stop_ids`
+  stop_ids: tuple[int, ...] = ()
   # static attention windows the generation is split into (see the module docstring);
   # 0: one per 128 generated tokens, at most 4
   cache_windows: int = 0
@@ -145,6 +149,11 @@ class Settings:
       ("correction_threshold", 0.0 <= self.correction_threshold <= 1.0, "must be in [0, 1]"),
       ("cache_windows", self.cache_windows >= 0, "must not be negative (0: automatic)"),
       (
+        "stop_ids",
+        all(isinstance(i, int) and i >= tokenizer_lib.NUM_SPECIAL for i in self.stop_ids),
+        f"must be token ids >= {tokenizer_lib.NUM_SPECIAL} (ids below are PAD, BOS, EOS, MASK)",
+      ),
+      (
         "suffix_mask",
         not self.suffix_mask or self.attention == "bidirectional",
         "needs attention='bidirectional'",
@@ -152,12 +161,14 @@ class Settings:
       (
         "shift",
         not self.shift
+        or self.attention == "block_causal"
         or (
           self.attention == "bidirectional"
           and not self.suffix_mask
           and self.cache_mode != "last_forward"
         ),
-        "needs attention='bidirectional', no suffix_mask and cache_mode 'fold' or 'recompute'",
+        "needs attention 'block_causal', or 'bidirectional' with no suffix_mask and "
+        "cache_mode 'fold' or 'recompute'",
       ),
     )
     for name, ok, why in checks:
@@ -257,23 +268,24 @@ def _visible(
   sizes: Sequence[int],
   start: jax.Array | int = 0,
   *,
-  causal: bool = False,
+  causal: bool | Sequence[bool] = False,
   suffix: int = 0,
   end: jax.Array | int = 0,
 ) -> jax.Array:
   """Grant matrix [T, T] (query, key) of an input made of parts of `sizes` tokens.
 
-  A part's tokens see their own part and the parts before it (with `causal`, only
-  tokens up to themselves). With a MASK suffix of `suffix` tokens after the parts
-  (the input's first token at sequence slot `start`), every token sees every part
-  and the suffix tokens before slot `end` (no `causal` then: block_causal has no suffix).
+  A part's tokens see their own part and the parts before it (with `causal`, for every
+  part or per part, only tokens up to themselves). With a MASK suffix of `suffix` tokens
+  after the parts (the input's first token at sequence slot `start`), every token sees
+  every part and the suffix tokens before slot `end` (no `causal` then: block_causal has
+  no suffix).
   """
-  assert not (causal and suffix), "a MASK suffix is for bidirectional models"
+  causal_P = np.broadcast_to(np.asarray(causal, bool), (len(sizes),))
+  assert not (causal_P.any() and suffix), "a MASK suffix is for bidirectional models"
   group_T = np.repeat(np.arange(len(sizes)), sizes)
   t_T = np.arange(group_T.size)
   grant_TxT = group_T[None, :] <= group_T[:, None]
-  if causal:
-    grant_TxT &= t_T[None, :] <= t_T[:, None]
+  grant_TxT &= (t_T[None, :] <= t_T[:, None]) | ~causal_P[group_T][:, None]
   if not suffix:
     return jnp.asarray(grant_TxT)
   total = group_T.size + suffix
@@ -327,8 +339,9 @@ def _top_p_filter(logits_BxTxV: jax.Array, top_p: float) -> jax.Array:
 
 
 def _sample(logits_BxTxV: jax.Array, key: jax.Array, s: Settings) -> tuple[jax.Array, jax.Array]:
-  """(token, its model probability) per position; special tokens are never sampled."""
-  for token_id in (MASK, PAD, BOS) + ((EOS,) if s.suppress_eos else ()):
+  """(token, its model probability) per position; special tokens are never sampled, and
+  `s.stop_ids` come out as EOS."""
+  for token_id in (MASK, PAD, BOS) + ((EOS,) + s.stop_ids if s.suppress_eos else ()):
     logits_BxTxV = losses.suppress_token(logits_BxTxV, token_id)
   if s.temperature == 0.0:
     tokens_BxT = jnp.argmax(logits_BxTxV, axis=-1)
@@ -339,6 +352,8 @@ def _sample(logits_BxTxV: jax.Array, key: jax.Array, s: Settings) -> tuple[jax.A
     tokens_BxT = jax.random.categorical(key, scaled_BxTxV, axis=-1)
   probs_BxTxV = jax.nn.softmax(logits_BxTxV, axis=-1)
   confidence_BxT = jnp.take_along_axis(probs_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
+  if s.stop_ids and not s.suppress_eos:
+    tokens_BxT = jnp.where(jnp.isin(tokens_BxT, jnp.asarray(s.stop_ids)), EOS, tokens_BxT)
   return tokens_BxT.astype(jnp.int32), confidence_BxT
 
 
@@ -472,7 +487,7 @@ class _Plan:
     parts: Sequence[jax.Array],
     start: jax.Array,
     *,
-    causal: bool = False,
+    causal: bool | Sequence[bool] = False,
     write_at: jax.Array | None = None,
     outputs: tuple[int, int] | None = None,
   ) -> tuple[jax.Array, KVCache]:
@@ -552,9 +567,9 @@ def _generate_block(
 ) -> BlockLoopState:
   """Denoises block `state.block` (cache slots [start, start+K)) and appends it.
 
-  Unless it is the `first` block, `exact` and `recompute` first rewrite the K/V of the
-  final block j-1 with one forward (token-causal if `exact`); `fold` does it in the
-  block's first denoising forward.
+  Unless it is the `first` block, `recompute` first rewrites the K/V of the final block
+  j-1 with one forward; `fold` and `exact` do it in the block's first denoising forward
+  (its block j-1 half token-causal if `exact`).
   """
   s = plan.s
   size = s.block_size
@@ -562,10 +577,8 @@ def _generate_block(
   batch = state.ended_B.shape[0]
   start = plan.prompt_len + j * size
   previous_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxN, (j - 1) * size, size, axis=1)
-  if plan.mode in ("exact", "recompute") and not first:
-    _, cache = plan.run(
-      cache, [previous_BxK], start - size, causal=plan.mode == "exact", outputs=(0, 0)
-    )
+  if plan.mode == "recompute" and not first:
+    _, cache = plan.run(cache, [previous_BxK], start - size, outputs=(0, 0))
     nfe = nfe + 1
   valid_K = j * size + jnp.arange(size) < s.max_new_tokens
   active_B = ~state.ended_B
@@ -594,11 +607,13 @@ def _generate_block(
   )
   # step 0 always runs: an active row needs the block's first token. The first block has
   # nothing to fold (and a prompt shorter than the block no room for a 2-block input).
-  if plan.mode == "fold" and not first:
+  if plan.mode in ("fold", "exact") and not first:
     lo = size - 1 if s.shift else size  # shift: output i-1 predicts token i
+    causal = (plan.mode == "exact", False)
 
     def fold_forward(cache, block_BxK):
-      return plan.run(cache, [previous_BxK, block_BxK], start - size, outputs=(lo, lo + size))
+      parts = [previous_BxK, block_BxK]
+      return plan.run(cache, parts, start - size, causal=causal, outputs=(lo, lo + size))
 
     state_of_block = step(state_of_block, forward=fold_forward)
   scratch_copy = {} if plan.scratch is None else dict(copy_from=plan.scratch, start=start)

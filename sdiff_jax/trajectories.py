@@ -240,7 +240,7 @@ def build_pool(workdir: str, out: str, o: PoolOptions, log=print) -> list[str]:
         )
         ids = [p for _, p in chunk]
         prompt_BxP, lens_B = sampling.left_pad(ids)
-        s = inference.settings_for(loaded.config, **settings)
+        s = inference.settings_for(loaded.config, tokenizer=loaded.tokenizer, **settings)
         gen = jax.device_get(
           sampling.generate(decoder, loaded.params, prompt_BxP, lens_B, jax.random.key(seed), s)
         )

@@ -135,6 +135,23 @@ def test_eos_ends_the_row_and_the_loop():
   assert int(full.lengths[0]) == 16 and EOS not in np.asarray(full.tokens)
 
 
+def test_a_stop_id_ends_the_row_as_eos():
+  """An imported model's own eos (a `stop_ids` token) ends the row and is recorded as EOS,
+  in block and AR decoding alike; without stop_ids it is an ordinary token."""
+  spec = dict(SPEC)
+  spec[6] = (11, 0.95)  # generated index 5 samples token 11
+  settings = Settings(max_new_tokens=16, block_size=4, steps_per_block=4)
+  plain = _run(spec, settings)
+  assert plain.tokens[0][5] == 11 and int(plain.lengths[0]) > 6
+  stopped = _run(spec, dataclasses.replace(settings, stop_ids=(11,)))
+  np.testing.assert_array_equal(stopped.tokens[0], [4, 5, 6, 7, 8, EOS] + [PAD] * 10)
+  ar_spec = {pos - 1: v for pos, v in spec.items()}
+  ar = _run(ar_spec, Settings(attention="causal", max_new_tokens=16, stop_ids=(11,)))
+  np.testing.assert_array_equal(ar.tokens[0], stopped.tokens[0])
+  with pytest.raises(ValueError, match="stop_ids"):
+    Settings(stop_ids=(EOS,)).validate()
+
+
 def test_self_correction_rewrites_a_confident_disagreement():
   spec = {1: (4, 0.6), 2: (5, 0.5), 3: (6, 0.4), 4: (7, 0.3)}
   late = {1: (9, 0.95), 2: (5, 0.5), 3: (6, 0.4), 4: (7, 0.3)}  # seen from step 2 on
@@ -192,6 +209,8 @@ def _generate(params, prompts, settings, key=0, decoder=DECODER):
 
 def _reference_block_causal(params, prompt, s: Settings):
   """Greedy; recomputes the whole sequence every step with the training mask, no cache.
+  With `shift`, a position's logits are those the objective trains (`Objective.logits`):
+  the noisy copy's output before it, for a block's first token the clean copy's.
 
   Returns the generated tokens (PAD after EOS) and the denoising steps of each block.
   """
@@ -222,8 +241,11 @@ def _reference_block_causal(params, prompt, s: Settings):
         jnp.concatenate([pos_1xL, pos_1xL], 1),
         mask,
       )
+      source = np.arange(block_start, block_start + size)
+      if s.shift:
+        source = np.where(source == block_start, length + source - 1, source - 1)
       block_BxK, commit_BxK = DENOISE_UPDATE(
-        logits[:, block_start : block_start + size],
+        logits[:, source],
         block_BxK,
         commit_BxK,
         needed_BxK,
@@ -255,6 +277,14 @@ def _reference_block_causal(params, prompt, s: Settings):
       self_correction=True,
       correction_threshold=0.8,
     ),
+    Settings(
+      attention="block_causal",
+      max_new_tokens=20,
+      block_size=4,
+      steps_per_block=3,
+      threshold=0.6,
+      shift=True,
+    ),
   ],
 )
 def test_cached_block_causal_batch_equals_uncached_recomputation(params, settings):
@@ -267,7 +297,7 @@ def test_cached_block_causal_batch_equals_uncached_recomputation(params, setting
     steps.append(block_steps)
   steps = np.max(steps, axis=0)  # the batch runs a block until its slowest row is done
   np.testing.assert_array_equal(got.block_steps, steps)
-  assert int(got.nfe) == 1 + steps.sum() + np.count_nonzero(steps) - 1  # + clean forwards
+  assert int(got.nfe) == 1 + steps.sum()  # the clean block j-1 rides in block j's 1st forward
 
 
 def test_cached_ar_batch_equals_uncached_recomputation(params):

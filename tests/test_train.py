@@ -101,9 +101,31 @@ def test_shift_predicts_each_token_from_the_position_before_it(code_corpus_dir):
     scored.sum()
     == ((np.asarray(batch["segment_ids"]) > 0) & (np.asarray(batch["positions"]) > 0)).sum()
   )
-  config.attention = "block_causal"
-  with pytest.raises(ValueError, match="diffusion.shift"):
-    config_lib.validate(config)
+
+
+def test_block_causal_shift_predicts_a_block_first_token_from_the_clean_copy(code_corpus_dir):
+  """Output i-1 predicts token i: inside a block the noisy copy's, for a block's first token
+  the clean (token-causal) copy's, which is what the sampler reads there."""
+  config = tiny_config(code_corpus_dir, attention="block_causal")
+  config.diffusion.shift = True
+  config_lib.validate(config)
+  setup, state, batch = _setup(config)
+  objective, size = setup.objective, config.diffusion.block_size
+  noisy = jnp.where(
+    jnp.arange(batch["tokens"].shape[1]) % 3 == 0, tokenizer_lib.MASK_ID, batch["tokens"]
+  )
+  length = noisy.shape[1]
+  raw, _ = objective.model.apply(
+    {"params": state.params},
+    jnp.concatenate([noisy, batch["tokens"]], 1),
+    jnp.concatenate([batch["positions"]] * 2, 1),
+    training_mask("block_causal", batch["segment_ids"], size),
+  )
+  shifted = np.asarray(objective.logits(state.params, noisy, batch))
+  raw = np.asarray(raw)
+  for i in range(1, length):
+    want = raw[:, length + i - 1] if i % size == 0 else raw[:, i - 1]
+    np.testing.assert_allclose(shifted[:, i], want, atol=1e-5, err_msg=f"position {i}")
 
 
 def test_masked_mean_weighting_trains_on_the_masked_tokens_mean_nll(code_corpus_dir):

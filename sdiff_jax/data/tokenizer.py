@@ -43,6 +43,8 @@ class Tokenizer(abc.ABC):
 
   kind: str
   vocab_size: int  # includes the special ids
+  # ids besides EOS that end a generated row (an imported model's own special tokens)
+  stop_ids: tuple[int, ...] = ()
 
   @abc.abstractmethod
   def encode_array(self, text: str) -> np.ndarray:
@@ -146,6 +148,10 @@ class HFTokenizer(Tokenizer):
       )
     self._hf = hf_tokenizer
     self.vocab_size = vocab_size
+    # The source's special tokens (its eos, chat markers, file separators) decode to nothing
+    # and end a completion: its eos shares our EOS's embedding row (`sdiff_jax.convert`),
+    # so a sampler that drew it and went on would write past the end of the answer.
+    self.stop_ids = tuple(sorted(i + NUM_SPECIAL for i in hf_tokenizer.get_added_tokens_decoder()))
 
   def encode_array(self, text: str) -> np.ndarray:
     ids = self._hf.encode(text, add_special_tokens=False).ids

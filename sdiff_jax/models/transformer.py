@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 # k, v of shape [n_layers, B, S, KVH, Dh] (scanned layers), or a list of per-layer
@@ -309,12 +310,13 @@ class Transformer(nn.Module):
     cache: KVCache | None = None,
     cache_index: jax.Array | None = None,
     read_next: bool = True,
-    outputs: tuple[int, int] | None = None,
+    outputs: tuple[int, int] | np.ndarray | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Logits [B, T, V] and the updated cache. `read_next=False` leaves out the
     `cfg.read_next` term (next-token training under a causal mask, where position t + 1
     holds the target). `outputs=(lo, hi)` (static) computes the logits of positions
-    [lo, hi) only, [B, hi - lo, V]: a decoder forward needs few of its tokens' logits."""
+    [lo, hi) only, [B, hi - lo, V]: a decoder forward needs few of its tokens' logits; a
+    static int array of positions, those positions' logits in its order."""
     cfg = self.cfg
     embed = nn.Embed(
       cfg.vocab_size,
@@ -365,7 +367,9 @@ class Transformer(nn.Module):
       )(next_BxTxD).astype(cfg.compute_dtype)
       if read_next:  # the parameter exists either way: one parameter tree
         x_BxTxD = x_BxTxD + mixed_BxTxD
-    if outputs is not None:
+    if isinstance(outputs, np.ndarray):
+      x_BxTxD = jnp.take(x_BxTxD, outputs, axis=1)
+    elif outputs is not None:
       x_BxTxD = x_BxTxD[:, outputs[0] : outputs[1]]
     if cfg.tie_embeddings:  # logits start with std ~1
       logits_BxTxV = embed.attend(x_BxTxD) / jnp.sqrt(cfg.d_model).astype(x_BxTxD.dtype)
