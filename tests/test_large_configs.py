@@ -42,6 +42,21 @@ def test_large_config_fits_an_h100_node(name, params_b):
   assert result["peak_gib"] < H100_BUDGET_GIB, result
 
 
+@pytest.mark.compile
+def test_adapt_smollm2_compiles_for_an_8_gpu_node():
+  """The adaptation recipe on SmolLM2-135M's shape (no import needed): block_causal +
+  shift, the mask+edit step, fsdp over 8 devices, bf16, remat."""
+  assert jax.device_count() == 8
+  config = _config("adapt_smollm2", "smollm2,gpu8")
+  config_lib.validate(config)
+  assert config.attention == "block_causal" and config.diffusion.shift
+  result = compiled.per_device_memory(config)
+  assert result["params"] / 1e6 == pytest.approx(134.5, rel=0.01)
+  assert result["peak_gib"] < H100_BUDGET_GIB, result
+  with pytest.raises(FileNotFoundError, match="sdiff_jax.convert --source=smollm2"):
+    _config("adapt_smollm2", "/nonexistent/import")
+
+
 def test_micro_batch_must_split_over_the_devices():
   config = _config("1b", "gpu8")
   config.train.batch_size, config.train.grad_accum_steps = 32, 8  # 4 rows over 8 devices
