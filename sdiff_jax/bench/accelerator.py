@@ -551,7 +551,7 @@ def decoding_section(
       attention=attention if block else "causal",
       max_new_tokens=scale.gen_len,
       suppress_eos=True,
-      shift=bool(config.diffusion.shift) and block and attention == "bidirectional",
+      shift=bool(config.diffusion.shift) and block,
       **(dict(block_size=scale.block_size, steps_per_block=steps_per_block) if block else {}),
     )
     prompt_BxP = rng.integers(

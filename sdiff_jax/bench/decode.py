@@ -226,7 +226,7 @@ def main(argv):
         dataclasses.replace(
           per,
           attention=attention,
-          shift=bool(config.diffusion.shift) and attention == "bidirectional",
+          shift=bool(config.diffusion.shift) and attention != "causal",
           cache_mode=cache_mode,
           suffix_mask=_SUFFIX_MASK.value,
           block_size=_BLOCK_SIZE.value,
