@@ -320,9 +320,11 @@ class _Oracle:
 
   def __init__(self, wrong_offset=0):
     self.wrong_offset = wrong_offset
+    self.block_starts = []  # each row's first masked index
 
   def logits(self, params, noisy_BxL, batch):
     tokens_BxL = batch["tokens"]
+    self.block_starts += np.argmax(np.asarray(noisy_BxL) == tokenizer_lib.MASK_ID, axis=1).tolist()
     if self.wrong_offset:
       masked_BxL = noisy_BxL == tokenizer_lib.MASK_ID
       offset_BxL = jnp.cumsum(masked_BxL, axis=1) * masked_BxL
@@ -330,12 +332,18 @@ class _Oracle:
     return jax.nn.one_hot(tokens_BxL, tokenizer_lib.BYTE_VOCAB_SIZE) * 30.0
 
 
-@pytest.mark.parametrize("wrong_offset, run", [(0, 16), (3, 2)])
-def test_block_rows_measure_what_one_forward_gets_right(wrong_offset, run):
-  config = tiny_config("tasks")  # block_size 16; every body is longer
+@pytest.mark.parametrize(
+  "wrong_offset, run, attention", [(0, 16, "bidirectional"), (3, 2, "block_causal")]
+)
+def test_block_rows_measure_what_one_forward_gets_right(wrong_offset, run, attention):
+  config = tiny_config("tasks", attention=attention)  # block_size 16; every body is longer
   config.data.seq_len = 512
   loaded = inference.Loaded(config, tokenizer_lib.ByteTokenizer(), None)
-  rows = suite.block_rows(_Oracle(wrong_offset), loaded, splits=("test",), num_tasks=5)
+  oracle = _Oracle(wrong_offset)
+  rows = suite.block_rows(oracle, loaded, splits=("test",), num_tasks=5)
+  # a block_causal model's masked block is one of its training blocks
+  assert len(oracle.block_starts) == 5
+  assert (np.asarray(oracle.block_starts) % 16 == 0).all() == (attention == "block_causal")
   accuracy, correct_run = rows
   assert accuracy["metric"] == "block_accuracy" and correct_run["metric"] == "correct_run"
   assert correct_run["value"] == run and accuracy["n"] == 5

@@ -202,23 +202,30 @@ def block_rows(
     ]
     pairs = [(p, b) for p, b in pairs if len(p) + len(b) <= loaded.config.data.seq_len]
     correct, scored = [], []
+    # block_causal: the masked block is one of the model's blocks (they start at multiples of
+    # the block size): each row is left-padded to put its prompt's end on a boundary
+    aligned = loaded.config.attention == "block_causal"
     for first in range(0, len(pairs), chunk):
       part = pairs[first : first + chunk]
-      length = max(len(p) + size for p, _ in part)
+      lead_N = [(-len(p)) % size if aligned else 0 for p, _ in part]
+      length = max(lead + len(p) + size for lead, (p, _) in zip(lead_N, part))
       tokens, seg, block = (np.zeros((len(part), length), dt) for dt in (np.int32, np.int32, bool))
-      for i, (p, b) in enumerate(part):
-        tokens[i, : len(p) + len(b)] = p + b
-        seg[i, : len(p) + len(b)] = 1
-        block[i, len(p) : len(p) + len(b)] = True
-      batch = {
+      positions = np.zeros((len(part), length), np.int32)
+      for i, (lead, (p, b)) in enumerate(zip(lead_N, part)):
+        end = lead + len(p) + len(b)
+        tokens[i, lead:end] = p + b
+        seg[i, lead:end] = 1
+        positions[i, lead:end] = np.arange(end - lead)
+        block[i, lead + len(p) : end] = True
+      batch = {  # aligned, a block_causal model's masked block sees no clean copy of itself
         "tokens": jnp.asarray(tokens),
         "segment_ids": jnp.asarray(seg),
-        "positions": jnp.asarray(np.broadcast_to(np.arange(length), tokens.shape)),
+        "positions": jnp.asarray(positions),
       }
       noisy = jnp.where(jnp.asarray(block), tokenizer_lib.MASK_ID, batch["tokens"])
       predicted = np.asarray(objective.logits(loaded.params, noisy, batch).argmax(-1))
-      for i, (p, _) in enumerate(part):
-        window = slice(len(p), len(p) + size)
+      for i, (lead, (p, _)) in enumerate(zip(lead_N, part)):
+        window = slice(lead + len(p), lead + len(p) + size)
         correct.append(predicted[i, window] == tokens[i, window])
         scored.append(block[i, window])
     correct_NxK, scored_NxK = np.stack(correct), np.stack(scored)
