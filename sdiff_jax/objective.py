@@ -15,9 +15,11 @@ The curriculum stage (`config_lib.STAGES`) is "ar", "mask", "mask+edit" or "dist
   pairs of the model's own selected trajectories (`distill_loss`, `trajectories.py`).
 
 With `diffusion.shift`, the output at position i-1 predicts the token at i, as in an AR
-model (Dream, DiffuCoder, Fast-dLLM v2 keep it when they adapt one): a masked token then reads its left neighbour's identity from that position's residual
-stream instead of having to learn attention to it. A document chunk's first token
-has no left neighbour in the row: it is never masked nor scored. With `model.read_next`
+model (Dream, DiffuCoder, Fast-dLLM v2 keep it when they adapt one): a masked token then
+reads its left neighbour's identity from that position's residual stream instead of
+having to learn attention to it. A block_causal model predicts a block's first token from
+the clean copy's output before it: its AR prediction. A document chunk's first token has
+no left neighbour in the row: it is never masked nor scored. With `model.read_next`
 the output at i-1 also reads position i's final state (zero-initialised), so keeping or
 correcting the visible token at i, which the edit term asks of every position, does
 not have to be learned as attention to the right neighbour; the "ar" stage leaves the
