@@ -52,16 +52,10 @@ def _imported(workdir: str):
     c.model.update(SMOLLM2_135M)
     c.data.tokenizer, c.data.vocab_size = "hf", SMOLLM2_VOCAB
     return c
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"{path} is missing: import the model first, e.g. "
-      f"python -m sdiff_jax.convert --source=smollm2 --workdir={workdir}"
-    )
-  with open(path) as f:
-    c = config_lib.from_json(f.read())
-  c.train.init_from = os.path.abspath(workdir)
-  return c
+  # the import's own config, training from its parameters: configs/pretrained.py
+  return config_lib.from_file(
+    f"{os.path.join(os.path.dirname(__file__), 'pretrained.py')}:{workdir}"
+  )
 
 
 def get_config(arg: str = "/tmp/smollm2"):

@@ -20,7 +20,10 @@ from sdiff_jax import config_lib
 def get_config(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing: import a model with python -m sdiff_jax.convert")
+    raise FileNotFoundError(
+      f"{path} is missing: import the model first, e.g. "
+      f"python -m sdiff_jax.convert --source=smollm2 --workdir={workdir}"
+    )
   with open(path) as f:
     c = config_lib.from_json(f.read())
   c.train.init_from = os.path.abspath(workdir)
