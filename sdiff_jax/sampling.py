@@ -234,11 +234,16 @@ class Generation:
   block_steps: jax.Array  # int32[J]: denoising forwards per block (0: not run); AR: int32[0]
   # int32[B, G]: the step (within its block; AR: overall) that set each token, -1: none
   commit_step: jax.Array
+  # int32[B]: the forwards a row needed, prefill included: those it would take decoded
+  # alone (the batch runs until its slowest row is done: `nfe`)
+  row_nfe: jax.Array
 
   @property
   def tokens_per_forward(self) -> float:
-    """Mean generated tokens of a row per forward pass."""
-    return float(np.mean(jax.device_get(self.lengths))) / max(int(self.nfe), 1)
+    """Generated tokens per forward a row needed, pooled over the rows: the batch-1 figure
+    (with `threshold` a row's blocks take as many forwards as its own tokens need)."""
+    lengths_B, row_nfe_B = jax.device_get((self.lengths, self.row_nfe))
+    return float(np.sum(lengths_B)) / max(int(np.sum(row_nfe_B)), 1)
 
 
 def left_pad(
@@ -357,18 +362,25 @@ def _sample(logits_BxTxV: jax.Array, key: jax.Array, s: Settings) -> tuple[jax.A
   return tokens_BxT.astype(jnp.int32), confidence_BxT
 
 
+def _lengths(tokens_BxG: jax.Array) -> jax.Array:
+  """int32[B]: tokens of each row up to and including its first EOS (all G without one)."""
+  is_eos_BxG = tokens_BxG == EOS
+  size = tokens_BxG.shape[1]
+  eos_B = jnp.where(is_eos_BxG.any(axis=1), jnp.argmax(is_eos_BxG, axis=1), size)
+  return jnp.minimum(eos_B + 1, size).astype(jnp.int32)
+
+
 def _finish(
   tokens_BxN: jax.Array,
   commit_BxN: jax.Array,
   block_steps: jax.Array,
   nfe: jax.Array,
+  row_nfe_B: jax.Array,
   max_new_tokens: int,
 ) -> Generation:
   """Cuts the buffer to the requested length; PAD (commit step -1) after a row's EOS."""
   tokens_BxG = tokens_BxN[:, :max_new_tokens]
-  is_eos_BxG = tokens_BxG == EOS
-  eos_B = jnp.where(is_eos_BxG.any(axis=1), jnp.argmax(is_eos_BxG, axis=1), max_new_tokens)
-  lengths_B = jnp.minimum(eos_B + 1, max_new_tokens).astype(jnp.int32)
+  lengths_B = _lengths(tokens_BxG)
   kept_BxG = jnp.arange(max_new_tokens) < lengths_B[:, None]
   return Generation(
     tokens=jnp.where(kept_BxG, tokens_BxG, PAD),
@@ -376,6 +388,7 @@ def _finish(
     nfe=nfe,
     block_steps=block_steps,
     commit_step=jnp.where(kept_BxG, commit_BxN[:, :max_new_tokens], -1),
+    row_nfe=row_nfe_B,
   )
 
 
@@ -452,6 +465,7 @@ class BlockLoopState:
   commit_BxN: jax.Array  # int32: the step within its block that set each token, -1: none
   ended_B: jax.Array  # bool: the row has an EOS in a finished block
   nfe: jax.Array  # int32[]: forward passes so far, prefill included
+  row_nfe_B: jax.Array  # int32: forwards each row needed so far (see Generation.row_nfe)
   block_steps_J: jax.Array  # int32: denoising forwards of each block, 0: not run
 
 
@@ -466,6 +480,7 @@ class StepLoopState:
   # bool: the row's last forward denoised: its scratch K/V go to the block (`last_forward`)
   pending_B: jax.Array
   nfe: jax.Array  # int32[]: forward passes so far, prefill included
+  row_nfe_B: jax.Array  # int32: forwards each row needed so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,6 +560,7 @@ def _block_generate(
     commit_BxN=jnp.full((batch, buffer), -1, jnp.int32),
     ended_B=jnp.zeros((batch,), bool),
     nfe=jnp.int32(1),
+    row_nfe_B=jnp.ones((batch,), jnp.int32),
     block_steps_J=jnp.zeros((num_blocks,), jnp.int32),
   )
   ends = _window_ends(num_blocks, s) if windowed else [num_blocks]
@@ -558,7 +574,12 @@ def _block_generate(
       final,
     )
   return _finish(
-    final.tokens_BxN, final.commit_BxN, final.block_steps_J, final.nfe, s.max_new_tokens
+    final.tokens_BxN,
+    final.commit_BxN,
+    final.block_steps_J,
+    final.nfe,
+    final.row_nfe_B,
+    s.max_new_tokens,
   )
 
 
@@ -573,13 +594,14 @@ def _generate_block(
   """
   s = plan.s
   size = s.block_size
-  j, cache, nfe = state.block, state.cache, state.nfe
+  j, cache, nfe, row_nfe_B = state.block, state.cache, state.nfe, state.row_nfe_B
   batch = state.ended_B.shape[0]
   start = plan.prompt_len + j * size
   previous_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxN, (j - 1) * size, size, axis=1)
   if plan.mode == "recompute" and not first:
     _, cache = plan.run(cache, [previous_BxK], start - size, outputs=(0, 0))
     nfe = nfe + 1
+    row_nfe_B = row_nfe_B + ~state.ended_B
   valid_K = j * size + jnp.arange(size) < s.max_new_tokens
   active_B = ~state.ended_B
   # a key per (block, step): the same draws whatever forwards the cache mode adds
@@ -604,6 +626,7 @@ def _generate_block(
     cache=cache,
     pending_B=jnp.zeros((batch,), bool),
     nfe=nfe,
+    row_nfe_B=row_nfe_B,
   )
   # step 0 always runs: an active row needs the block's first token. The first block has
   # nothing to fold (and a prompt shorter than the block no room for a 2-block input).
@@ -639,6 +662,7 @@ def _generate_block(
     commit_BxN=commit_BxN,
     ended_B=ended_B,
     nfe=done.nfe,
+    row_nfe_B=done.row_nfe_B,
     block_steps_J=state.block_steps_J.at[j].set(done.step),
   )
 
@@ -690,6 +714,7 @@ def _denoise_step(
     cache=cache,
     pending_B=pending_B,
     nfe=state.nfe + 1,
+    row_nfe_B=state.row_nfe_B + pending_B,
   )
 
 
@@ -742,7 +767,11 @@ def _ar_generate(
       final,
     )
   commit_BxG = jnp.broadcast_to(jnp.arange(num_new, dtype=jnp.int32), (batch, num_new))
-  return _finish(final.tokens_BxG, commit_BxG, jnp.zeros((0,), jnp.int32), final.step, num_new)
+  # a row needs a forward per token up to its EOS: the prefill samples token 0
+  none = jnp.zeros((0,), jnp.int32)
+  return _finish(
+    final.tokens_BxG, commit_BxG, none, final.step, _lengths(final.tokens_BxG), num_new
+  )
 
 
 def _ar_step(

@@ -117,6 +117,40 @@ def test_left_to_right_commits_the_leftmost_and_the_confident_run_after_them():
     Settings(order="random").validate()
 
 
+@pytest.mark.parametrize(
+  "settings",
+  [
+    Settings(
+      max_new_tokens=12, block_size=4, steps_per_block=4, threshold=0.25, order="left_to_right"
+    ),
+    Settings(max_new_tokens=12, block_size=4, steps_per_block=4, threshold=0.55),
+    Settings(max_new_tokens=12, block_size=4, steps_per_block=2),
+    Settings(attention="causal", max_new_tokens=12),
+  ],
+  ids=["left_to_right-threshold", "confidence-threshold", "fixed", "ar"],
+)
+def test_row_nfe_counts_the_forwards_a_row_would_take_decoded_alone(settings):
+  # rows of different prompt lengths read the table at shifted positions: different
+  # confidences and an EOS at a different generated index
+  spec = {**SPEC, 8: (EOS, 0.95)}
+  if settings.attention == "causal":
+    spec = {pos - 1: v for pos, v in spec.items()}
+  table = _table(spec)
+  params = {"early": table, "late": table}
+  prompts = [[BOS], [BOS, 5], [BOS, 5, 6]]
+  decode = lambda rows: sampling.generate(  # noqa: E731
+    TableDecoder(), params, *sampling.left_pad(rows), jax.random.key(0), settings
+  )
+  batch = decode(prompts)
+  alone = [decode([p]) for p in prompts]
+  for b, one in enumerate(alone):
+    np.testing.assert_array_equal(batch.tokens[b], one.tokens[0])
+    assert int(batch.row_nfe[b]) == int(one.row_nfe[0]) == int(one.nfe)
+  assert int(batch.nfe) >= max(int(one.nfe) for one in alone)
+  lengths = sum(int(one.lengths[0]) for one in alone)
+  assert batch.tokens_per_forward == pytest.approx(lengths / sum(int(o.nfe) for o in alone))
+
+
 def test_eos_ends_the_row_and_the_loop():
   spec = dict(SPEC)
   spec[6] = (EOS, 0.95)  # generated index 5, in block 1 with .5 (before it), .4 and .8

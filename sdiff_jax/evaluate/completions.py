@@ -2,8 +2,9 @@
 
 Prompts go in fixed-size batches padded to one prompt length, so each sampler setting
 compiles once; the first batch runs twice and the timing starts with its second run
-(compilation excluded). Tokens per forward pool every row of every batch:
-generated tokens / (forwards x rows).
+(compilation excluded). Tokens per forward pool the prompts' rows: generated tokens over
+the forwards each row needed (`sampling.Generation.row_nfe`), the figure of decoding
+one prompt at a time: a batch runs until its slowest row is done.
 """
 
 import dataclasses
@@ -71,6 +72,6 @@ def decode(
     gen = stats.generation
     last_B = np.take_along_axis(gen.tokens, gen.lengths[:, None] - 1, axis=1)[:, 0]
     ended += [bool(e) for e in (last_B == sampling.EOS)[:kept]]
-    tokens += int(np.sum(stats.generation.lengths))
-    forwards += stats.nfe * len(batch)
+    tokens += int(np.sum(gen.lengths[:kept]))
+    forwards += int(np.sum(gen.row_nfe[:kept]))
   return Decoded(texts, ended, tokens / max(forwards, 1), tokens / max(seconds, 1e-9), seconds)
