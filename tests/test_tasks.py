@@ -283,9 +283,9 @@ def test_evaluate_cli_tasks_suites(tasks_workdir, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   rows = json.loads(out.read_text())["rows"]
   completed = [r for r in rows if r["suite"] == "tasks" and r["metric"] == "pass@1"]
-  blocks = [r for r in rows if r["metric"] in ("block_accuracy", "correct_run")]
+  blocks = [r for r in rows if r["metric"] in ("block_accuracy", "correct_run", "ahead_accuracy")]
   assert [(r["split"], r["metric"]) for r in blocks] == [
-    (s, m) for s in ("test", "combos") for m in ("block_accuracy", "correct_run")
+    (s, m) for s in ("test", "combos") for m in ("block_accuracy", "correct_run", "ahead_accuracy")
   ]
   assert all(0 <= r["value"] <= r["block_size"] and r["n"] == 3 for r in blocks)
   assert len(blocks[0]["by_offset"]) == blocks[0]["block_size"]
@@ -341,14 +341,21 @@ def test_block_rows_measure_what_one_forward_gets_right(wrong_offset, run, atten
   loaded = inference.Loaded(config, tokenizer_lib.ByteTokenizer(), None)
   oracle = _Oracle(wrong_offset)
   rows = suite.block_rows(oracle, loaded, splits=("test",), num_tasks=5)
-  # a block_causal model's masked block is one of its training blocks
-  assert len(oracle.block_starts) == 5
-  assert (np.asarray(oracle.block_starts) % 16 == 0).all() == (attention == "block_causal")
-  accuracy, correct_run = rows
+  # one forward per cut (the block's first 0, 4, 8, 12 tokens known); a block_causal
+  # model's masked block is one of its training blocks
+  starts_CxN = np.asarray(oracle.block_starts).reshape(4, 5)
+  assert (starts_CxN[0] % 16 == 0).all() == (attention == "block_causal")
+  assert (starts_CxN - starts_CxN[0] == np.arange(0, 16, 4)[:, None]).all()
+  accuracy, correct_run, ahead = rows
   assert accuracy["metric"] == "block_accuracy" and correct_run["metric"] == "correct_run"
   assert correct_run["value"] == run and accuracy["n"] == 5
   assert accuracy["value"] == pytest.approx(1.0 if not wrong_offset else 15 / 16)
   assert accuracy["by_offset"] == [0.0 if k + 1 == wrong_offset else 1.0 for k in range(16)]
+  # the oracle errs at the wrong_offset-th masked token: that distance, at every cut
+  assert ahead["metric"] == "ahead_accuracy" and ahead["value"] == (
+    0.0 if wrong_offset == 2 else 1.0
+  )
+  assert ahead["by_distance"] == [0.0 if d == wrong_offset else 1.0 for d in range(1, 17)]
 
 
 def test_function_prompts_carry_the_documents_context_and_tests():

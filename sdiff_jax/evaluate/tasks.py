@@ -187,8 +187,14 @@ def block_rows(
   task's prompt, nothing after it, in the training forward. Rows: `block_accuracy`
   (argmax accuracy over the block's tokens, `by_offset` per position) and `correct_run`
   (the leading run of correct argmax tokens: how many tokens one forward could commit
-  and keep the body right, the ceiling of exact tokens per forward)."""
+  and keep the body right, the ceiling of exact tokens per forward).
+
+  `ahead_accuracy`: the states a left-to-right sampler meets, the block's first c tokens
+  known and the rest masked (c = 0 and three more cuts, every `size // 4`): argmax
+  accuracy by distance d past the known tokens (`by_distance`, d = 1 is the next token);
+  its value is d = 2's, the token a sampler at two tokens per forward predicts blind."""
   size = loaded.config.diffusion.block_size
+  cuts = range(0, size, max(1, size // 4))
   out = []
   for split in splits:
     task_list = items(split, num_tasks, seed)
@@ -202,6 +208,7 @@ def block_rows(
     ]
     pairs = [(p, b) for p, b in pairs if len(p) + len(b) <= loaded.config.data.seq_len]
     correct, scored = [], []
+    ahead_right_D, ahead_seen_D = np.zeros(size), np.zeros(size)
     # block_causal: the masked block is one of the model's blocks (they start at multiples of
     # the block size): each row is left-padded to put its prompt's end on a boundary
     aligned = loaded.config.attention == "block_causal"
@@ -222,16 +229,24 @@ def block_rows(
         "segment_ids": jnp.asarray(seg),
         "positions": jnp.asarray(positions),
       }
-      noisy = jnp.where(jnp.asarray(block), tokenizer_lib.MASK_ID, batch["tokens"])
-      predicted = np.asarray(objective.logits(loaded.params, noisy, batch).argmax(-1))
-      for i, (lead, (p, _)) in enumerate(zip(lead_N, part)):
-        window = slice(lead + len(p), lead + len(p) + size)
-        correct.append(predicted[i, window] == tokens[i, window])
-        scored.append(block[i, window])
+      for cut in cuts:  # the block's first `cut` tokens known
+        starts_N = np.array([lead + len(p) for lead, (p, _) in zip(lead_N, part)])
+        hidden = block & (np.arange(length)[None] >= (starts_N + cut)[:, None])
+        noisy = jnp.where(jnp.asarray(hidden), tokenizer_lib.MASK_ID, batch["tokens"])
+        predicted = np.asarray(objective.logits(loaded.params, noisy, batch).argmax(-1))
+        for i, start in enumerate(starts_N):
+          window = slice(start, start + size)
+          right_K, seen_K = predicted[i, window] == tokens[i, window], hidden[i, window]
+          if cut == 0:
+            correct.append(right_K)
+            scored.append(seen_K)
+          ahead_right_D[: size - cut] += (right_K & seen_K)[cut:]
+          ahead_seen_D[: size - cut] += seen_K[cut:]
     correct_NxK, scored_NxK = np.stack(correct), np.stack(scored)
     run_N = leading_run(correct_NxK, scored_NxK)
     per_task = (correct_NxK & scored_NxK).sum(1) / scored_NxK.sum(1)
     by_offset = (correct_NxK & scored_NxK).sum(0) / np.maximum(scored_NxK.sum(0), 1)
+    by_distance = ahead_right_D / np.maximum(ahead_seen_D, 1)
     n = len(pairs)
     extra = dict(split=split, block_size=size, prompts_too_long=len(task_list) - n)
     for metric, values, more in (
@@ -242,10 +257,24 @@ def block_rows(
       out.append(
         {"suite": "tasks", "metric": metric, "value": value, "stderr": se, "n": n, **extra, **more}
       )
+    seen = ahead_seen_D[min(1, size - 1)]  # tokens scored at distance 2
+    ahead = float(by_distance[min(1, size - 1)])
+    out.append(
+      {
+        "suite": "tasks",
+        "metric": "ahead_accuracy",
+        "value": ahead,
+        "stderr": float(np.sqrt(ahead * (1 - ahead) / max(seen, 1))),
+        "n": n,
+        **extra,
+        "by_distance": [round(float(a), 3) for a in by_distance],
+      }
+    )
     progress(
       f"tasks [{split}]: one forward over a masked {size}-token block of the body: accuracy "
       f"{per_task.mean():.3f}, the first {run_N.mean():.2f} tokens right in a row on average "
-      f"(by offset: {' '.join(f'{a:.2f}' for a in by_offset[:8])} ...)"
+      f"(by offset: {' '.join(f'{a:.2f}' for a in by_offset[:8])} ...); with the block's "
+      f"first tokens known, the next right {by_distance[0]:.2f}, the one after {ahead:.2f}"
     )
   return out
 
