@@ -25,9 +25,11 @@ unigram entropy and tokens per forward, plotted in WORKDIR/chain.png (pass@1 aga
 tokens per forward, a line per stage); on other corpora the validity parse rate (real
 function bodies have ~4.9 bits of entropy; repetition parses). `chain.ar_workdir` adds
 a causal model (the same-budget AR baseline) as stage "ar". A table goes to stdout, the
-rows to WORKDIR/chain.json.
+rows to WORKDIR/chain.json. Each model's rows are kept in WORKDIR/eval/<stage>.json with
+its checkpoint step and the evaluation's options: a rerun reuses them while both match.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -142,8 +144,34 @@ def evaluate_stages(
     stages = {"ar": c.ar_workdir, **stages}
   rows = []
   for name, workdir in stages.items():
-    log(f"===== evaluating {name}")
-    rows += [{"stage": name, **r} for r in evaluate_lib.evaluate(workdir, options)]
+    rows += [{"stage": name, **r} for r in _evaluate_once(name, workdir, options, root, log)]
+  return rows
+
+
+def _evaluate_once(
+  name: str, workdir: str, options: evaluate_lib.Options, root: str, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+  """`workdir`'s evaluation rows, read from ROOT/eval/<name>.json when that file holds the
+  same checkpoint step and options (a rerun of the chain evaluates nothing twice)."""
+  path = os.path.join(root, "eval", f"{name}.json")
+  key = {
+    "workdir": os.path.abspath(workdir),
+    "step": checkpointing.latest_step(checkpointing.Workdir(workdir)),
+    "options": json.loads(json.dumps(dataclasses.asdict(options))),
+  }
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = json.load(f)
+    if {k: kept.get(k) for k in key} == key:
+      log(f"===== {name}: evaluated before (step {key['step']}), rows from {path}")
+      return kept["rows"]
+  log(f"===== evaluating {name}")
+  rows = evaluate_lib.evaluate(workdir, options, step=key["step"])
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump({**key, "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
   return rows
 
 

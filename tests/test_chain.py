@@ -77,8 +77,12 @@ def test_chain_runs_every_stage_and_resumes(ar_workdir, tmp_path):
   assert all(f"| {stage} |" in printed[-2] for stage in ("ar", *chain.TRAINED))
 
   again = []
-  chain.run(_config(ar_workdir), root, log=again.append)
+  rows_again = chain.run(_config(ar_workdir), root, log=again.append)
   assert not any(line.startswith("step ") for line in again)  # nothing retrained
+  # nor evaluated: each model's rows come back from its eval file, the same rows
+  assert not any(line.startswith("===== evaluating") for line in again)
+  assert sum("evaluated before" in line for line in again) == 1 + len(chain.TRAINED)
+  assert rows_again == json.loads(json.dumps(rows))
 
 
 def test_chain_checks_the_ar_workdir_before_training(tmp_path):
