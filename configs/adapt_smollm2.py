@@ -25,6 +25,11 @@ gives SmolLM2-135M's shape without parameters (memory and compile checks).
         --workdir=/tmp/smollm2_adapted
     python -m sdiff_jax.evaluate --workdir=/tmp/smollm2_adapted --suites=validity,tasks \
         --steps_per_block=8,4,2,1
+    # left to right, committing the run of tokens above a confidence threshold: after the
+    # CPU hour, parse rate 0.281 at 1.87 tokens per forward against 0.031 at 1.97 with 4
+    # fixed steps per block (README, "Adapting a pretrained model")
+    python -m sdiff_jax.evaluate --workdir=/tmp/smollm2_adapted --suites=validity \
+        --order=left_to_right --steps_per_block=8 --threshold=0.9,0.7,0.5,0.3
 """
 
 import os
