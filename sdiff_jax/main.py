@@ -110,7 +110,7 @@ def show_samples(prompts: list[str]) -> None:
     print(f"----- prompt: {prompt!r}\n{prompt}{text}")
   print(
     f"----- {stats.settings.attention} decoding: NFE {stats.nfe}, "
-    f"{stats.tokens_per_forward:.2f} tokens per forward a row needed, {stats.seconds:.1f} s "
+    f"{stats.tokens_per_forward:.2f} tokens per forward (per row), {stats.seconds:.1f} s "
     "(compilation included)",
     flush=True,
   )

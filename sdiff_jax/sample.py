@@ -101,7 +101,8 @@ def main(argv):
   )
   print(
     f"=== {len(prompts)} prompt(s), {mode}: {stats.nfe} forwards, "
-    f"{stats.tokens_per_forward:.2f} tokens/forward a row needed, {stats.tokens_per_s:.1f} tokens/s "
+    f"{stats.tokens_per_forward:.2f} tokens/forward (per row), "
+    f"{stats.tokens_per_s:.1f} tokens/s "
     f"({stats.seconds:.2f} s, compilation included) ==="
   )
 

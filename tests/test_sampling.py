@@ -125,9 +125,10 @@ def test_left_to_right_commits_the_leftmost_and_the_confident_run_after_them():
     ),
     Settings(max_new_tokens=12, block_size=4, steps_per_block=4, threshold=0.55),
     Settings(max_new_tokens=12, block_size=4, steps_per_block=2),
+    Settings(max_new_tokens=12, block_size=4, steps_per_block=2, cache_mode="recompute"),
     Settings(attention="causal", max_new_tokens=12),
   ],
-  ids=["left_to_right-threshold", "confidence-threshold", "fixed", "ar"],
+  ids=["left_to_right-threshold", "confidence-threshold", "fixed", "recompute", "ar"],
 )
 def test_row_nfe_counts_the_forwards_a_row_would_take_decoded_alone(settings):
   # rows of different prompt lengths read the table at shifted positions: different
