@@ -6,6 +6,8 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
+# XLA's CPU backend without LLVM's optimisations: compiles several times faster (conftest)
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 _TEMPLATE = '''"""Module {i}: small helpers."""
 

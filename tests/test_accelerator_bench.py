@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import CONFIGS
+from helpers import CONFIGS, FAST_COMPILE
 from sdiff_jax import config_lib
 from sdiff_jax.bench import roofline
 from sdiff_jax.data import tokenizer as tokenizer_lib
@@ -26,9 +26,6 @@ from sdiff_jax.models import ATTENTION_MODES, ModelConfig, Transformer, training
 from sdiff_jax.models import transformer as transformer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA's CPU backend compiles several times faster without LLVM's optimisations; the
-# command compiles ~20 small programs, so that sets this test's duration.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")
