@@ -229,8 +229,8 @@ def block_rows(
         "segment_ids": jnp.asarray(seg),
         "positions": jnp.asarray(positions),
       }
+      starts_N = np.array([lead + len(p) for lead, (p, _) in zip(lead_N, part)])
       for cut in cuts:  # the block's first `cut` tokens known
-        starts_N = np.array([lead + len(p) for lead, (p, _) in zip(lead_N, part)])
         hidden = block & (np.arange(length)[None] >= (starts_N + cut)[:, None])
         noisy = jnp.where(jnp.asarray(hidden), tokenizer_lib.MASK_ID, batch["tokens"])
         predicted = np.asarray(objective.logits(loaded.params, noisy, batch).argmax(-1))
@@ -257,8 +257,8 @@ def block_rows(
       out.append(
         {"suite": "tasks", "metric": metric, "value": value, "stderr": se, "n": n, **extra, **more}
       )
-    seen = ahead_seen_D[min(1, size - 1)]  # tokens scored at distance 2
-    ahead = float(by_distance[min(1, size - 1)])
+    two = min(1, size - 1)  # distance 2's index (1-token blocks: distance 1)
+    seen, ahead = ahead_seen_D[two], float(by_distance[two])
     out.append(
       {
         "suite": "tasks",
