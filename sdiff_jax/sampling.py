@@ -362,12 +362,11 @@ def _sample(logits_BxTxV: jax.Array, key: jax.Array, s: Settings) -> tuple[jax.A
   return tokens_BxT.astype(jnp.int32), confidence_BxT
 
 
-def _lengths(tokens_BxG: jax.Array) -> jax.Array:
-  """int32[B]: tokens of each row up to and including its first EOS (all G without one)."""
-  is_eos_BxG = tokens_BxG == EOS
-  size = tokens_BxG.shape[1]
-  eos_B = jnp.where(is_eos_BxG.any(axis=1), jnp.argmax(is_eos_BxG, axis=1), size)
-  return jnp.minimum(eos_B + 1, size).astype(jnp.int32)
+def _first_eos(tokens_BxT: jax.Array) -> jax.Array:
+  """int32[B]: the index of each row's first EOS, T without one."""
+  is_eos_BxT = tokens_BxT == EOS
+  size = tokens_BxT.shape[1]
+  return jnp.where(is_eos_BxT.any(axis=1), jnp.argmax(is_eos_BxT, axis=1), size)
 
 
 def _finish(
@@ -375,12 +374,13 @@ def _finish(
   commit_BxN: jax.Array,
   block_steps: jax.Array,
   nfe: jax.Array,
-  row_nfe_B: jax.Array,
+  row_nfe_B: jax.Array | None,
   max_new_tokens: int,
 ) -> Generation:
-  """Cuts the buffer to the requested length; PAD (commit step -1) after a row's EOS."""
+  """Cuts the buffer to the requested length; PAD (commit step -1) after a row's EOS.
+  `row_nfe_B` None: a forward per generated token (AR)."""
   tokens_BxG = tokens_BxN[:, :max_new_tokens]
-  lengths_B = _lengths(tokens_BxG)
+  lengths_B = jnp.minimum(_first_eos(tokens_BxG) + 1, max_new_tokens).astype(jnp.int32)
   kept_BxG = jnp.arange(max_new_tokens) < lengths_B[:, None]
   return Generation(
     tokens=jnp.where(kept_BxG, tokens_BxG, PAD),
@@ -388,7 +388,7 @@ def _finish(
     nfe=nfe,
     block_steps=block_steps,
     commit_step=jnp.where(kept_BxG, commit_BxN[:, :max_new_tokens], -1),
-    row_nfe=row_nfe_B,
+    row_nfe=lengths_B if row_nfe_B is None else row_nfe_B,
   )
 
 
@@ -397,10 +397,8 @@ def _finish(
 
 def _needed(block_BxK: jax.Array, active_B: jax.Array, valid_K: jax.Array) -> jax.Array:
   """Positions of the block a row still needs: up to its first EOS, inside the buffer."""
-  is_eos_BxK = block_BxK == EOS
-  size = block_BxK.shape[1]
-  eos_B = jnp.where(is_eos_BxK.any(axis=1), jnp.argmax(is_eos_BxK, axis=1), size)
-  return active_B[:, None] & valid_K[None, :] & (jnp.arange(size)[None, :] <= eos_B[:, None])
+  eos_B = _first_eos(block_BxK)
+  return active_B[:, None] & valid_K[None, :] & (jnp.arange(block_BxK.shape[1]) <= eos_B[:, None])
 
 
 def _copy_slots(
@@ -767,11 +765,9 @@ def _ar_generate(
       final,
     )
   commit_BxG = jnp.broadcast_to(jnp.arange(num_new, dtype=jnp.int32), (batch, num_new))
-  # a row needs a forward per token up to its EOS: the prefill samples token 0
+  # a row needs a forward per token up to its EOS (the prefill samples token 0): row_nfe None
   none = jnp.zeros((0,), jnp.int32)
-  return _finish(
-    final.tokens_BxG, commit_BxG, none, final.step, _lengths(final.tokens_BxG), num_new
-  )
+  return _finish(final.tokens_BxG, commit_BxG, none, final.step, None, num_new)
 
 
 def _ar_step(
